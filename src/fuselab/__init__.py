@@ -1,0 +1,31 @@
+"""fuselab: a PyTorch workbench for multimodal-fusion research."""
+
+from fuselab.api import create_fusion, fusion_info, list_fusions
+from fuselab.registry import (
+    DATASETS,
+    FUSIONS,
+    LOSSES,
+    MODELS,
+    Registry,
+    register_dataset,
+    register_fusion,
+    register_loss,
+    register_model,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DATASETS",
+    "FUSIONS",
+    "LOSSES",
+    "MODELS",
+    "Registry",
+    "create_fusion",
+    "fusion_info",
+    "list_fusions",
+    "register_dataset",
+    "register_fusion",
+    "register_loss",
+    "register_model",
+]
