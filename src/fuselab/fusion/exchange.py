@@ -1,0 +1,165 @@
+"""Standalone exchanges between feature-map streams: rectify (CMX), spatial-exchange and channel-exchange-p.
+
+Legend: b batch, m modality, c channels, h height, w width of a map.
+
+An exchange returns one map per modality, each the shape of its input. Rule for more than two modalities:
+what a modality receives is the mean of what the other modalities send, which for two modalities is
+exactly the papers' swap. Streams of different widths meet at a common width (the largest): a sender is
+projected up by a 1x1 convolution (``ChannelLinear``) and what a stream receives is projected back to its
+own width; streams that already have the common width are not projected, so parameter-free exchanges
+stay parameter-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from fuselab.fusion.base import ChannelLinear, Exchange
+from fuselab.fusion.basic import project_to_common
+from fuselab.fusion.maps import check_reduction
+from fuselab.registry import FUSIONS
+
+
+def mean_of_others(xs: Sequence[Tensor]) -> list[Tensor]:
+    """For each of M >= 2 same-shaped tensors, the mean of the other ones (for M = 2, the other one)."""
+    if len(xs) == 2:
+        return [xs[1], xs[0]]
+    return [torch.stack([y for j, y in enumerate(xs) if j != i], dim=0).mean(0) for i in range(len(xs))]
+
+
+def check_fraction(p: float, where: str) -> int:
+    """The period ``1 / p`` of an exchange that swaps a fraction ``p`` = 1/k of the channels or columns."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+        raise ValueError(f"{where}: p must be a fraction 1/k in (0, 1], got {p!r}")
+    period = round(1 / p)
+    if abs(period * p - 1) > 1e-6:
+        raise ValueError(f"{where}: p must be 1/k for an integer k (every k-th index is exchanged), got {p!r}")
+    return period
+
+
+class _MapExchange(Exchange):
+    """An exchange of maps through a common width ``self.width`` (the largest input width)."""
+
+    forms = ("map",)
+    natural_out_dim = "each modality keeps its own width"
+
+    def __init__(self, dims: Mapping[str, int]) -> None:
+        super().__init__(dims)
+        self.width = max(self.dims.values())
+        self.to_common = project_to_common(self.dims, self.width)
+        self.from_common = nn.ModuleDict(
+            {m: ChannelLinear(self.width, d) if d != self.width else nn.Identity() for m, d in self.dims.items()}
+        )
+
+    def common(self, xs: Mapping[str, Tensor]) -> list[Tensor]:
+        """M maps (B, width, H, W), in the order of ``xs``."""
+        return [self.to_common[m](x) for m, x in xs.items()]
+
+
+class _PeriodicSwap(_MapExchange):
+    """Replace every ``1/p``-th index of one axis by the mean of the other modalities; no parameters when
+    all widths are equal."""
+
+    def __init__(self, dims: Mapping[str, int], *, p: float = 0.5) -> None:
+        super().__init__(dims)
+        self.p = p
+        self.period = check_fraction(p, type(self).__name__)
+
+    def exchange(self, xs: dict[str, Tensor]) -> dict[str, Tensor]:
+        incoming = mean_of_others(self.common(xs))  # M x (B, width, H, W)
+        out = {}
+        for (m, x), received in zip(xs.items(), incoming):
+            out[m] = torch.where(self.mask(x), self.from_common[m](received), x)
+        return out
+
+    def mask(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@FUSIONS.register("spatial-exchange")
+class SpatialExchange(_PeriodicSwap):
+    """Changer's spatial exchange: every ``1/p``-th column (index ``w % (1/p) == 0``) is swapped between the
+    streams; no parameters.
+
+    Paper: Fang et al., "Changer: Feature Interaction is What You Need for Change Detection", IEEE TGRS 2023.
+    Reference: open-cd ``models/utils/interaction_layer.py`` (SpatialExchange, p = 1/2). Rule for M
+    modalities: an exchanged column receives the mean of the other modalities' columns.
+    """
+
+    multimodal_rule = "an exchanged column receives the mean of the other modalities' columns (a swap for two)"
+    paper = "Fang et al., Changer: Feature Interaction is What You Need for Change Detection, TGRS 2023"
+    reference = "open-cd models/utils/interaction_layer.py (SpatialExchange)"
+    formula = "x'_m[..., w] = mean_{n != m} x_n[..., w] if w % (1/p) == 0 else x_m[..., w]"
+
+    def mask(self, x: Tensor) -> Tensor:
+        return torch.arange(x.shape[-1], device=x.device) % self.period == 0  # (W,)
+
+
+@FUSIONS.register("channel-exchange-p")
+class ChannelExchangeP(_PeriodicSwap):
+    """Changer's channel exchange: every ``1/p``-th channel (index ``c % (1/p) == 0``) is swapped between the
+    streams; no parameters.
+
+    Paper: Fang et al., "Changer: Feature Interaction is What You Need for Change Detection", IEEE TGRS 2023.
+    Reference: open-cd ``models/utils/interaction_layer.py`` (ChannelExchange, p = 1/2). Rule for M
+    modalities: an exchanged channel receives the mean of the other modalities' channels.
+    """
+
+    multimodal_rule = "an exchanged channel receives the mean of the other modalities' channels (a swap for two)"
+    paper = "Fang et al., Changer: Feature Interaction is What You Need for Change Detection, TGRS 2023"
+    reference = "open-cd models/utils/interaction_layer.py (ChannelExchange)"
+    formula = "x'_m[:, c] = mean_{n != m} x_n[:, c] if c % (1/p) == 0 else x_m[:, c]"
+
+    def mask(self, x: Tensor) -> Tensor:
+        return (torch.arange(x.shape[1], device=x.device) % self.period == 0).view(-1, 1, 1)  # (C, 1, 1)
+
+
+@FUSIONS.register("rectify")
+class FeatureRectify(_MapExchange):
+    """CMX's cross-modal feature rectification: each stream adds the other stream, reweighted by channel
+    weights (an MLP on ``[GAP, GMP]`` of all streams) and spatial weights (1x1 convolutions on all streams).
+
+    Paper: Zhang et al., "CMX: Cross-Modal Fusion for RGB-X Semantic Segmentation with Transformers", IEEE
+    T-ITS 2023. Reference: huaaaliu/RGBX_Semantic_Segmentation ``models/net_utils.py``
+    (FeatureRectifyModule, ChannelWeights, SpatialWeights; reduction 1, lambda_c = lambda_s = 0.5). Rule
+    for M modalities: the weights are computed from all M streams (one channel and one spatial weight map
+    per stream), and a stream adds the mean of the other streams' reweighted maps.
+    """
+
+    multimodal_rule = "weights from all M streams; each stream adds the mean of the other streams' reweighted maps"
+    paper = "Zhang et al., CMX: Cross-Modal Fusion for RGB-X Semantic Segmentation with Transformers, T-ITS 2023"
+    reference = "huaaaliu/RGBX_Semantic_Segmentation models/net_utils.py (FeatureRectifyModule)"
+    formula = (
+        "w_c = sigmoid(MLP([GAP, GMP]([x_1..x_M]))), w_s = sigmoid(Conv(relu(Conv([x_1..x_M])))), "
+        "x'_m = x_m + mean_{n != m} (lambda_c w_c,n + lambda_s w_s,n) * x_n"
+    )
+
+    def __init__(
+        self, dims: Mapping[str, int], *, reduction: int = 1, lambda_c: float = 0.5, lambda_s: float = 0.5
+    ) -> None:
+        super().__init__(dims)
+        n, width = len(self.dims), self.width
+        spatial_hidden = check_reduction(width, reduction, "rectify")
+        pooled = 2 * n * width  # [GAP, GMP] of the concatenation
+        self.lambda_c = float(lambda_c)
+        self.lambda_s = float(lambda_s)
+        self.channel_weights = nn.Sequential(
+            nn.Linear(pooled, pooled // reduction), nn.ReLU(inplace=True), nn.Linear(pooled // reduction, n * width)
+        )
+        self.spatial_weights = nn.Sequential(
+            nn.Conv2d(n * width, spatial_hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(spatial_hidden, n, 1)
+        )
+
+    def exchange(self, xs: dict[str, Tensor]) -> dict[str, Tensor]:
+        stacked = torch.stack(self.common(xs), dim=0)  # (M, B, C, H, W)
+        joint = rearrange(stacked, "m b c h w -> b (m c) h w")
+        pooled = torch.cat([joint.mean((-2, -1)), joint.amax((-2, -1))], dim=1)  # (B, 2 M C)
+        channel = rearrange(self.channel_weights(pooled).sigmoid(), "b (m c) -> m b c 1 1", m=len(xs))
+        spatial = rearrange(self.spatial_weights(joint).sigmoid(), "b m h w -> m b 1 h w")
+        sent = (self.lambda_c * channel + self.lambda_s * spatial) * stacked  # (M, B, C, H, W)
+        incoming = mean_of_others(list(sent))
+        return {m: x + self.from_common[m](received) for (m, x), received in zip(xs.items(), incoming)}
