@@ -1,0 +1,429 @@
+"""Comparison tables: per-method summary statistics and their Markdown, LaTeX and CSV renderings.
+
+:func:`summarize` turns one row per finished run into one row per method with mean, std and 95 %
+confidence interval per metric, and the tests against the baseline (paired t-test over seeds on the
+primary metric, exact McNemar test on the pooled test predictions, both Holm-corrected across the
+compared methods). :func:`to_markdown`, :func:`to_latex` and :func:`to_csv` render that summary.
+Metrics are taken as "higher is better".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fuselab.report.stats import holm, mcnemar, mean_ci, paired_ttest
+
+__all__ = ["summarize", "to_csv", "to_latex", "to_markdown"]
+
+DEFAULT_METRICS: tuple[str, ...] = ("accuracy", "macro_f1")
+
+_METRIC_LABELS = {
+    "accuracy": "Accuracy",
+    "acc": "Accuracy",
+    "macro_f1": "Macro-F1",
+    "micro_f1": "Micro-F1",
+    "weighted_f1": "Weighted-F1",
+    "f1": "F1",
+    "balanced_accuracy": "Balanced acc.",
+    "auroc": "AUROC",
+    "auc": "AUC",
+}
+
+UP_MARK = "▲"
+DOWN_MARK = "▼"
+BASELINE_MARK = "(baseline)"
+
+
+# ----------------------------------------------------------------------------------------------
+# summary
+# ----------------------------------------------------------------------------------------------
+
+
+def _pooled_correct(rows: pd.DataFrame, seeds: Sequence[int]) -> np.ndarray:
+    """Concatenate the ``correct`` arrays of ``rows`` (indexed by seed) in the order of ``seeds``."""
+    parts = [np.asarray(rows.at[seed, "correct"], dtype=bool).reshape(-1) for seed in seeds]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
+
+
+def summarize(
+    runs: pd.DataFrame,
+    *,
+    baseline: str,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    primary: str = "accuracy",
+    alpha: float = 0.05,
+) -> pd.DataFrame:
+    """Summarize finished runs per method and test each method against the baseline.
+
+    Args:
+        runs: one row per finished run with columns ``method``, ``seed``, one column per metric,
+            ``params`` and ``correct`` (a bool array per run: whether each test sample was predicted
+            right; test sets of the same seed are aligned across methods). ``params`` and
+            ``correct`` may be absent, giving nan parameters / McNemar p-values.
+        baseline: the method every other method is compared with.
+        metrics: metric columns to summarize (higher is better).
+        primary: the metric used for ``delta`` and the paired t-test.
+        alpha: significance level applied to the Holm-corrected p-values.
+
+    Returns:
+        One row per method, the baseline first and the others in order of first appearance, with
+        columns ``method``, ``n_seeds``, ``<metric>_mean``, ``<metric>_std``, ``<metric>_ci`` (95 %
+        CI half-width) per metric, ``params`` (median), ``delta`` (primary mean minus the baseline's),
+        ``p_ttest`` (paired over the seeds shared with the baseline), ``p_mcnemar`` (on the correct
+        arrays pooled over those seeds in seed order), ``p_ttest_holm``, ``p_mcnemar_holm`` (Holm
+        over the non-baseline methods, per test), ``significant`` (both corrected p < alpha),
+        ``better`` and ``worse``. The baseline row has nan p-values and no flags set.
+        ``attrs`` holds ``baseline``, ``primary``, ``alpha`` and ``metrics``.
+
+    Raises:
+        ValueError: on missing columns, an unknown baseline, duplicate (method, seed) runs or
+            misaligned ``correct`` arrays.
+    """
+    metrics = list(metrics)
+    required = ["method", "seed", *metrics]
+    if primary not in required:
+        required.append(primary)
+    missing = [c for c in required if c not in runs.columns]
+    if missing:
+        raise ValueError(f"runs is missing column(s) {missing}; it has {list(runs.columns)}")
+    if runs.empty:
+        raise ValueError("runs is empty: there is nothing to summarize")
+
+    methods = list(dict.fromkeys(runs["method"].tolist()))
+    if baseline not in methods:
+        raise ValueError(f"baseline {baseline!r} is not among the methods: {methods}")
+    duplicated = runs.duplicated(subset=["method", "seed"], keep=False)
+    if duplicated.any():
+        pairs = runs.loc[duplicated, ["method", "seed"]].itertuples(index=False)
+        dups = sorted({(str(m), int(s)) for m, s in pairs})
+        raise ValueError(f"several runs share the same (method, seed): {dups}")
+    ordered = [baseline] + [m for m in methods if m != baseline]
+
+    has_params = "params" in runs.columns
+    has_correct = "correct" in runs.columns
+    by_method = {m: runs[runs["method"] == m].set_index("seed").sort_index() for m in ordered}
+    base = by_method[baseline]
+    base_primary = float(np.mean(base[primary].to_numpy(dtype=float)))
+
+    records: list[dict[str, Any]] = []
+    for method in ordered:
+        rows = by_method[method]
+        rec: dict[str, Any] = {"method": method, "n_seeds": len(rows)}
+        for metric in metrics:
+            mean, std, ci = mean_ci(rows[metric].to_numpy(dtype=float))
+            rec[f"{metric}_mean"], rec[f"{metric}_std"], rec[f"{metric}_ci"] = mean, std, ci
+        params = rows["params"].to_numpy(dtype=float) if has_params else np.array([math.nan])
+        rec["params"] = float(np.median(params)) if not np.all(np.isnan(params)) else math.nan
+        rec["delta"] = float(np.mean(rows[primary].to_numpy(dtype=float))) - base_primary
+
+        p_t = p_mc = math.nan
+        if method != baseline:
+            common = [s for s in rows.index if s in base.index]
+            p_t = paired_ttest(
+                rows.loc[common, primary].to_numpy(dtype=float),
+                base.loc[common, primary].to_numpy(dtype=float),
+            )
+            if has_correct and common:
+                for seed in common:
+                    n_m = np.asarray(rows.at[seed, "correct"]).size
+                    n_b = np.asarray(base.at[seed, "correct"]).size
+                    if n_m != n_b:
+                        raise ValueError(
+                            f"seed {seed}: {method!r} has {n_m} test predictions but baseline "
+                            f"{baseline!r} has {n_b}; test sets of one seed must be aligned"
+                        )
+                p_mc = mcnemar(_pooled_correct(rows, common), _pooled_correct(base, common))
+        rec["p_ttest"], rec["p_mcnemar"] = p_t, p_mc
+        records.append(rec)
+
+    summary = pd.DataFrame.from_records(records)
+    others = summary["method"] != baseline
+    for test in ("p_ttest", "p_mcnemar"):
+        corrected = np.full(len(summary), np.nan)
+        corrected[others.to_numpy()] = holm(summary.loc[others, test].to_numpy(dtype=float))
+        summary[f"{test}_holm"] = corrected
+    with np.errstate(invalid="ignore"):
+        significant = (summary["p_ttest_holm"] < alpha) & (summary["p_mcnemar_holm"] < alpha)
+    summary["significant"] = significant.to_numpy(dtype=bool) & others.to_numpy()
+    summary["better"] = summary["significant"] & (summary["delta"] > 0)
+    summary["worse"] = summary["significant"] & (summary["delta"] < 0)
+    summary.attrs.update(baseline=baseline, primary=primary, alpha=alpha, metrics=tuple(metrics))
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# rendering helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _infer_metrics(summary: pd.DataFrame, metrics: Sequence[str] | None) -> list[str]:
+    if metrics is None:
+        metrics = summary.attrs.get("metrics") or [
+            c[: -len("_mean")] for c in summary.columns if c.endswith("_mean")
+        ]
+    metrics = list(metrics)
+    missing = [m for m in metrics if f"{m}_mean" not in summary.columns]
+    if missing:
+        raise ValueError(f"summary has no statistics for metric(s) {missing}")
+    return metrics
+
+
+def _baseline_name(summary: pd.DataFrame) -> str:
+    name = summary.attrs.get("baseline")
+    return str(name) if name is not None else str(summary["method"].iloc[0])
+
+
+def _metric_label(metric: str) -> str:
+    return _METRIC_LABELS.get(metric, metric.replace("_", " ").capitalize())
+
+
+def _ranks(values: np.ndarray, decimals: int) -> np.ndarray:
+    """Dense rank (1 = best, higher is better) of the values as displayed; nan gets rank 0."""
+    shown = np.round(values, decimals)
+    distinct = sorted({v for v in shown if not np.isnan(v)}, reverse=True)
+    position = {v: i + 1 for i, v in enumerate(distinct)}
+    return np.array([0 if np.isnan(v) else position[v] for v in shown], dtype=int)
+
+
+def _fmt(value: float, decimals: int) -> str:
+    return "–" if value is None or np.isnan(value) else f"{value:.{decimals}f}"
+
+
+def _fmt_params(value: float) -> str:
+    return "–" if value is None or np.isnan(value) else f"{int(round(value)):,}"
+
+
+def _fmt_delta(value: float, scale: float, decimals: int) -> str:
+    return "–" if np.isnan(value) else f"{value * scale:+.{decimals}f}"
+
+
+def _n_compared(summary: pd.DataFrame, baseline: str) -> int:
+    return int((summary["method"] != baseline).sum())
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _alpha_text(summary: pd.DataFrame) -> str:
+    return f"{summary.attrs.get('alpha', 0.05):g}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Markdown
+# ----------------------------------------------------------------------------------------------
+
+
+def _md_escape(text: str) -> str:
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("*", "\\*")
+
+
+def to_markdown(
+    summary: pd.DataFrame,
+    *,
+    caption: str,
+    metrics: Sequence[str] | None = None,
+    percent: bool = True,
+    show_ci: bool = True,
+) -> str:
+    """Render a :func:`summarize` result as a GitHub Markdown table.
+
+    Cells read ``mean ± std`` over seeds (in percent with two decimals when ``percent``), with the
+    95 % CI half-width in its own ``±CI`` column; the best mean per metric is bold. The last column
+    marks methods significantly better (``▲``) or worse (``▼``) than the baseline. The caption
+    comes first, a note explaining the columns and marks last.
+
+    Args:
+        summary: the output of :func:`summarize`.
+        caption: a line shown above the table.
+        metrics: metrics to show; by default those the summary was built with.
+        percent: show metrics in percent (two decimals) instead of fractions (four decimals).
+        show_ci: add a ``±CI`` column after each metric.
+    """
+    metrics = _infer_metrics(summary, metrics)
+    baseline = _baseline_name(summary)
+    scale, decimals = (100.0, 2) if percent else (1.0, 4)
+    unit = " (%)" if percent else ""
+    primary = summary.attrs.get("primary", metrics[0])
+
+    header = ["Method", "Seeds"]
+    align = [":---", "---:"]
+    for metric in metrics:
+        header.append(f"{_metric_label(metric)}{unit}")
+        align.append("---:")
+        if show_ci:
+            header.append("±CI")
+            align.append("---:")
+    header += ["Params", f"Δ {_metric_label(primary)}{' (pp)' if percent else ''}", "vs. baseline"]
+    align += ["---:", "---:", ":---:"]
+
+    ranks = {m: _ranks(summary[f"{m}_mean"].to_numpy(dtype=float) * scale, decimals) for m in metrics}
+    lines = [caption, "", "| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    for i, row in enumerate(summary.itertuples(index=False)):
+        r = dict(zip(summary.columns, row))
+        is_base = r["method"] == baseline
+        cells = [_md_escape(r["method"]), str(int(r["n_seeds"]))]
+        for metric in metrics:
+            mean = _fmt(r[f"{metric}_mean"] * scale, decimals)
+            text = f"{mean} ± {_fmt(r[f'{metric}_std'] * scale, decimals)}"
+            cells.append(f"**{text}**" if ranks[metric][i] == 1 else text)
+            if show_ci:
+                ci = r[f"{metric}_ci"]
+                cells.append("–" if np.isnan(ci) else f"±{ci * scale:.{decimals}f}")
+        cells.append(_fmt_params(r.get("params", math.nan)))
+        cells.append("–" if is_base else _fmt_delta(r["delta"], scale, decimals))
+        if is_base:
+            mark = BASELINE_MARK
+        elif r["better"]:
+            mark = UP_MARK
+        elif r["worse"]:
+            mark = DOWN_MARK
+        else:
+            mark = ""
+        cells.append(mark)
+        lines.append("| " + " | ".join(cells) + " |")
+
+    n = _n_compared(summary, baseline)
+    stat = "mean ± std over seeds" + (" in %" if percent else "")
+    ci_note = "; ±CI: half-width of the 95 % t confidence interval" if show_ci else ""
+    lines += [
+        "",
+        f"Values: {stat}{ci_note}; best mean per metric in bold. Baseline: {_md_escape(baseline)}.",
+        "",
+        f"{UP_MARK}/{DOWN_MARK}: better/worse than the baseline, paired t-test over seeds and "
+        f"McNemar's test on pooled test predictions both p < {_alpha_text(summary)} after Holm "
+        f"correction across {_plural(n, 'method')}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# LaTeX
+# ----------------------------------------------------------------------------------------------
+
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
+
+
+def latex_escape(text: str) -> str:
+    """Escape LaTeX special characters (``\\ & % $ # _ { } ~ ^``) in plain text."""
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+
+def to_latex(
+    summary: pd.DataFrame,
+    *,
+    caption: str,
+    label: str = "tab:compare",
+    metrics: Sequence[str] | None = None,
+    percent: bool = True,
+) -> str:
+    """Render a :func:`summarize` result as a booktabs LaTeX table.
+
+    Each metric cell reads ``mean $\\pm$ std``; per metric the best mean is ``\\textbf`` and the
+    second best ``\\underline``. Methods significantly better / worse than the baseline carry
+    ``$^\\blacktriangle$`` / ``$^\\blacktriangledown$``. Needs ``booktabs`` and ``amssymb``.
+
+    Args:
+        summary: the output of :func:`summarize`.
+        caption: table caption; plain text, LaTeX special characters are escaped.
+        label: ``\\label`` key.
+        metrics: metrics to show; by default those the summary was built with.
+        percent: show metrics in percent (two decimals) instead of fractions (four decimals).
+    """
+    metrics = _infer_metrics(summary, metrics)
+    baseline = _baseline_name(summary)
+    scale, decimals = (100.0, 2) if percent else (1.0, 4)
+    unit = r" (\%)" if percent else ""
+
+    ranks = {m: _ranks(summary[f"{m}_mean"].to_numpy(dtype=float) * scale, decimals) for m in metrics}
+    colspec = "l" + "c" * len(metrics) + "r"
+    header = ["Method", *(f"{latex_escape(_metric_label(m))}{unit}" for m in metrics), "Params"]
+    lines = [
+        r"% requires \usepackage{booktabs} and \usepackage{amssymb}",
+        r"\begin{table}[t]",
+        r"  \centering",
+        rf"  \caption{{{latex_escape(caption)}}}",
+        rf"  \label{{{label}}}",
+        rf"  \begin{{tabular}}{{{colspec}}}",
+        r"    \toprule",
+        "    " + " & ".join(header) + r" \\",
+        r"    \midrule",
+    ]
+    for i, row in enumerate(summary.itertuples(index=False)):
+        r = dict(zip(summary.columns, row))
+        name = latex_escape(r["method"])
+        if r["method"] == baseline:
+            name += " (baseline)"
+        elif r["better"]:
+            name += r"$^\blacktriangle$"
+        elif r["worse"]:
+            name += r"$^\blacktriangledown$"
+        cells = [name]
+        for metric in metrics:
+            mean = _fmt(r[f"{metric}_mean"] * scale, decimals)
+            std = _fmt(r[f"{metric}_std"] * scale, decimals)
+            if ranks[metric][i] == 1:
+                mean = rf"\textbf{{{mean}}}"
+            elif ranks[metric][i] == 2:
+                mean = rf"\underline{{{mean}}}"
+            cells.append(rf"{mean} $\pm$ {std}")
+        cells.append(_fmt_params(r.get("params", math.nan)))
+        lines.append("    " + " & ".join(cells) + r" \\")
+
+    n = _n_compared(summary, baseline)
+    stat = r"Mean $\pm$ std over seeds" + (r" in \%" if percent else "")
+    note = (
+        rf"{stat}; best in bold, second best underlined. "
+        r"$^\blacktriangle$/$^\blacktriangledown$: better/worse than the baseline "
+        rf"({latex_escape(baseline)}), paired $t$-test over seeds and McNemar's test on pooled test "
+        rf"predictions both $p < {_alpha_text(summary)}$ after Holm correction across "
+        rf"{_plural(n, 'method')}."
+    )
+    lines += [
+        r"    \bottomrule",
+        r"  \end{tabular}",
+        r"  \par\smallskip",
+        rf"  \parbox{{\linewidth}}{{\footnotesize {note}}}",
+        r"\end{table}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# CSV
+# ----------------------------------------------------------------------------------------------
+
+
+def to_csv(summary: pd.DataFrame, path: str | PathLike[str]) -> Path:
+    """Write ``summary`` to ``path`` as CSV (no index), leaving out columns that hold arrays.
+
+    Parent folders are created. Returns the path written.
+    """
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    array_cols = [
+        c
+        for c in summary.columns
+        if summary[c].dtype == object
+        and summary[c].map(lambda v: isinstance(v, (np.ndarray, list, tuple))).any()
+    ]
+    summary.drop(columns=array_cols).to_csv(out, index=False)
+    return out
