@@ -1,6 +1,7 @@
 """fuselab: a PyTorch workbench for multimodal-fusion research."""
 
 from fuselab.api import create_fusion, fusion_info, list_fusions
+from fuselab.experiments.results import load_results
 from fuselab.registry import (
     DATASETS,
     FUSIONS,
@@ -24,6 +25,7 @@ __all__ = [
     "create_fusion",
     "fusion_info",
     "list_fusions",
+    "load_results",
     "register_dataset",
     "register_fusion",
     "register_loss",

@@ -31,7 +31,7 @@ class TensorFusion(Merge):
 
     Paper: Zadeh et al., "Tensor Fusion Network for Multimodal Sentiment Analysis", EMNLP 2017.
     Reference: Justin1904/TensorFusionNetworks. Rule for M modalities: each modality is first projected
-    to ``proj_dim`` (default: the largest p with (p + 1)^M <= 16384, at most the largest input width) so
+    to ``proj_dim`` (default: the largest p with (p + 1)^M <= 4096, at most the largest input width) so
     the flattened product has (p + 1)^M entries; the paper's three modalities had sub-network outputs
     of 32 and no projection.
     """
@@ -43,7 +43,7 @@ class TensorFusion(Merge):
     reference = "Justin1904/TensorFusionNetworks"
     formula = "z = W vec([P_1 x_1; 1] (x) ... (x) [P_M x_M; 1])"
 
-    max_entries = 16384
+    max_entries = 4096
 
     def __init__(self, dims: Mapping[str, int], out_dim: int | None = None, *, proj_dim: int | None = None) -> None:
         super().__init__(dims, out_dim)

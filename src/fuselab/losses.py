@@ -1,0 +1,99 @@
+"""Loss terms and their weighted sum.
+
+The loss of a run is ``sum_i weight_i * term_i(output, target)``; each term is registered in ``LOSSES``
+(``register_loss``) as a factory ``(**options) -> callable(output: ModelOutput, target) -> Tensor``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fuselab.models.output import ModelOutput
+from fuselab.registry import LOSSES
+
+LossTerm = Callable[[ModelOutput, Tensor], Tensor]
+
+
+@LOSSES.register("ce")
+def cross_entropy(*, label_smoothing: float = 0.0) -> LossTerm:
+    """Cross-entropy of the model's logits."""
+
+    def term(output: ModelOutput, target: Tensor) -> Tensor:
+        return F.cross_entropy(output.logits, target, label_smoothing=label_smoothing)
+
+    return term
+
+
+@LOSSES.register("focal")
+def focal(*, gamma: float = 2.0) -> LossTerm:
+    """Focal loss (Lin et al., ICCV 2017): ``-(1 - p_t)^gamma log p_t``, averaged over samples."""
+
+    def term(output: ModelOutput, target: Tensor) -> Tensor:
+        logp = F.log_softmax(output.logits, dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
+        return (-(1 - logp.exp()) ** gamma * logp).mean()
+
+    return term
+
+
+@LOSSES.register("aux-unimodal")
+def aux_unimodal(*, label_smoothing: float = 0.0) -> LossTerm:
+    """Mean cross-entropy of the per-modality heads (needs a model with per-modality logits)."""
+
+    def term(output: ModelOutput, target: Tensor) -> Tensor:
+        if not output.modality_logits:
+            raise ValueError("loss term 'aux-unimodal' needs per-modality heads: set model.modality_heads=true")
+        losses = [F.cross_entropy(lg, target, label_smoothing=label_smoothing) for lg in output.modality_logits.values()]
+        return torch.stack(losses).mean()
+
+    return term
+
+
+@LOSSES.register("aux")
+def aux(*, include: str = "*") -> LossTerm:
+    """Sum of the model's own auxiliary losses (``aux_losses()`` of its modules) whose key matches ``include``."""
+    import fnmatch
+
+    def term(output: ModelOutput, target: Tensor) -> Tensor:
+        values = [v for k, v in output.aux_losses.items() if fnmatch.fnmatchcase(k, include)]
+        return torch.stack(values).sum() if values else output.logits.new_zeros(())
+
+    return term
+
+
+class WeightedLoss:
+    """The weighted sum of loss terms.
+
+    Args:
+        terms: ``[{"name": "ce", "weight": 1.0, **options}, ...]``.
+
+    Calling it returns the total and each term's (unweighted) value, keyed by the term's name.
+    """
+
+    def __init__(self, terms: Sequence[Mapping[str, Any]]) -> None:
+        if not terms:
+            raise ValueError("loss.terms is empty; give at least one term, e.g. [{name: ce, weight: 1.0}]")
+        self.terms: list[tuple[str, float, LossTerm]] = []
+        seen: set[str] = set()
+        for spec in terms:
+            spec = dict(spec)
+            if "name" not in spec:
+                raise ValueError(f"loss term {spec} has no name; e.g. {{name: ce, weight: 1.0}}")
+            name = spec.pop("name")
+            weight = float(spec.pop("weight", 1.0))
+            key = name if name not in seen else f"{name}_{len(self.terms)}"
+            seen.add(key)
+            self.terms.append((key, weight, LOSSES.get(name)(**spec)))
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _, _ in self.terms]
+
+    def __call__(self, output: ModelOutput, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        values = {name: fn(output, target) for name, _, fn in self.terms}
+        total = sum(w * values[name] for name, w, _ in self.terms)
+        return total, values

@@ -1,0 +1,84 @@
+"""``mlp-streams``: per-modality MLP encoders in the generic MultiStream, for vector modalities."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+import fuselab.api as api
+from fuselab.models.multistream import MultiStream, resolve_fuse_at
+from fuselab.registry import MODELS
+
+NORMS = {"layer": nn.LayerNorm, "batch": nn.BatchNorm1d, "none": None}
+
+
+def mlp_stage(in_dim: int, out_dim: int, *, norm: str, dropout: float) -> nn.Sequential:
+    """Linear -> norm -> ReLU -> dropout."""
+    layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
+    if NORMS[norm] is not None:
+        layers.append(NORMS[norm](out_dim))
+    layers += [nn.ReLU(), nn.Dropout(dropout)]
+    return nn.Sequential(*layers)
+
+
+@MODELS.register("mlp-streams")
+def mlp_streams(
+    *,
+    dims: Mapping[str, int],
+    num_classes: int,
+    fusion: Mapping[str, Any],
+    hidden: int = 128,
+    layers: int = 2,
+    dropout: float = 0.2,
+    norm: str = "layer",
+    fuse_at: str | int = "last",
+    modality_heads: bool = False,
+) -> MultiStream:
+    """Per-modality MLPs of ``layers`` stages of width ``hidden``; the merge at ``fuse_at``; a linear head.
+
+    Args:
+        dims: input width per modality.
+        num_classes: number of classes of the head.
+        fusion: the merge's config (``name`` and its options).
+        hidden: width of every stage.
+        layers: number of stages per stream (stages after the fusion point form the shared trunk).
+        dropout: dropout after each stage and before the head.
+        norm: ``layer``, ``batch`` or ``none`` after each Linear.
+        fuse_at: ``early``, ``last`` or the index of the stage whose outputs are merged.
+        modality_heads: add a linear head per stream (needed by the ``aux-unimodal`` loss term).
+    """
+    if norm not in NORMS:
+        raise ValueError(f"model.norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    if layers < 1:
+        raise ValueError(f"model.layers must be at least 1, got {layers}")
+    fusion = dict(fusion)
+    name = fusion.pop("name")
+    at = resolve_fuse_at(fuse_at, layers)
+    produces_logits = api.fusion_info(name).produces_logits
+    if produces_logits:
+        if at != layers - 1:
+            raise ValueError(f"fusion '{name}' merges logits; use it with model.fuse_at=last")
+        fusion["out_dim"] = num_classes
+    encoders: dict[str, nn.Module] = {}
+    stream_dims: dict[str, int] = {}
+    for m, d in dims.items():
+        stages = [mlp_stage(d if s == 0 else hidden, hidden, norm=norm, dropout=dropout) for s in range(at + 1)]
+        encoders[m] = nn.Sequential(*stages) if stages else nn.Identity()
+        stream_dims[m] = hidden if stages else d
+    merge = api.create_fusion(name, dims=stream_dims, **fusion)
+    trunk_stages = [
+        mlp_stage(merge.out_dim if s == at + 1 else hidden, hidden, norm=norm, dropout=dropout)
+        for s in range(at + 1, layers)
+    ]
+    fused_width = hidden if trunk_stages else merge.out_dim
+    head = None if produces_logits else nn.Sequential(nn.Dropout(dropout), nn.Linear(fused_width, num_classes))
+    heads = {m: nn.Linear(w, num_classes) for m, w in stream_dims.items()} if modality_heads else None
+    return MultiStream(
+        encoders=encoders,
+        merge=merge,
+        trunk=nn.Sequential(*trunk_stages) if trunk_stages else None,
+        head=head,
+        modality_heads=heads,
+    )

@@ -1,0 +1,1 @@
+"""Training: configs, the Fabric loop and one run from a resolved config."""

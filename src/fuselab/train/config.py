@@ -1,0 +1,224 @@
+"""Run configuration: typed dataclasses with OmegaConf, YAML files plus dotted overrides.
+
+The ``data``, ``model`` and ``fusion`` sections hold the options of a registered dataset, model or fusion
+(each has its own), so they are checked against that entry's signature instead of a fixed dataclass.
+Every problem is a ``ConfigError``: one line naming the key path and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+import fuselab.data  # noqa: F401  (registers datasets)
+import fuselab.losses  # noqa: F401  (registers loss terms)
+import fuselab.models  # noqa: F401  (registers models)
+from fuselab.registry import DATASETS, FUSIONS, LOSSES, MODELS
+
+
+class ConfigError(ValueError):
+    """A user error in a config, spec or command line: reported as one line, exit code 2."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    epochs: int = 60
+    batch_size: int = 64
+    lr: float = 1.0e-3
+    weight_decay: float = 1.0e-2  # AdamW's decoupled weight decay
+    warmup: float = 0.05  # share of all steps with a linear warm-up, then cosine decay to zero
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    patience: int = 0  # early stopping after this many epochs without validation gain; 0 = never
+    monitor: str = "accuracy"  # validation metric that picks the best checkpoint: accuracy | macro_f1 | loss
+    select: str = "best"  # evaluate on test the best epoch on validation ("best") or the final weights ("last")
+    precision: str = "32-true"  # Lightning Fabric precision: 32-true, bf16-mixed, 16-mixed, ...
+    accelerator: str = "auto"  # cpu | cuda | mps | auto
+    devices: int = 1
+    threads: Optional[int] = None  # torch intra-op threads for this run; None keeps torch's default
+    eval_batch_size: int = 1024
+    tensorboard: bool = False  # also write TensorBoard event files (CSV logs are always written)
+    checkpoint: bool = True  # save the best-on-validation weights in the run folder
+
+
+@dataclasses.dataclass
+class LossConfig:
+    terms: list[dict[str, Any]] = dataclasses.field(default_factory=lambda: [{"name": "ce", "weight": 1.0}])
+
+
+@dataclasses.dataclass
+class RunConfig:
+    data: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "mfeat"})
+    model: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "mlp-streams"})
+    fusion: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "concat"})
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    seed: int = 0  # fixes the data split, the initialisation and the batch order
+
+
+SECTIONS = [f.name for f in dataclasses.fields(RunConfig)]
+# keys a builder receives from fuselab itself, never from the config
+_INJECTED = {"data": {"seed"}, "model": {"dims", "num_classes", "fusion"}, "fusion": {"dims", "layers"}}
+
+
+def _omegaconf_error(exc: OmegaConfBaseException) -> ConfigError:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
+    msg = str(exc).splitlines()[0]
+    if "not in" in msg or "Key" in msg and "not" in msg:
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        allowed = _allowed(parent)
+        return ConfigError(f"unknown config key '{key}'" + (f"; allowed: {', '.join(allowed)}" if allowed else ""))
+    return ConfigError(f"config key '{key}': {msg}")
+
+
+def _allowed(section: str) -> list[str]:
+    node: Any = RunConfig
+    for part in filter(None, section.split(".")):
+        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if part not in fields:
+            return []
+        node = typing.get_type_hints(node)[part]
+    return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from a file, with one-line errors for a missing file or invalid YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        content = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"'{path}' is not valid YAML{where}: {problem}") from None
+    if content is None:
+        return {}
+    if not isinstance(content, dict):
+        raise ConfigError(f"'{path}' must hold a mapping of config sections, got {type(content).__name__}")
+    return content
+
+
+def make_config(base: dict[str, Any] | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """The resolved run config: defaults <- ``base`` <- dotted ``overrides`` (``train.epochs=20``), checked."""
+    try:
+        cfg = OmegaConf.structured(RunConfig)
+        if base:
+            unknown = sorted(set(base) - set(SECTIONS))
+            if unknown:
+                raise ConfigError(f"unknown config section '{unknown[0]}'; allowed: {', '.join(SECTIONS)}")
+            cfg = _merge_sections(cfg, base)
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override '{item}' must look like key=value, e.g. train.epochs=20")
+            try:
+                parsed = OmegaConf.from_dotlist([item])
+            except yaml.YAMLError:
+                raise ConfigError(f"override '{item}' has a value that is not valid YAML") from None
+            cfg = _merge_sections(cfg, OmegaConf.to_container(parsed))
+    except OmegaConfBaseException as exc:
+        raise _omegaconf_error(exc) from None
+    validate(cfg)
+    return cfg
+
+
+def _merge_sections(cfg: DictConfig, update: dict[str, Any]) -> DictConfig:
+    unknown = sorted(set(update) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown config section '{unknown[0]}'; allowed: {', '.join(SECTIONS)}")
+    for section in ("data", "model", "fusion"):
+        # switching to another registered entry drops the previous entry's options
+        new = update.get(section)
+        if isinstance(new, dict) and "name" in new and new["name"] != cfg[section].get("name"):
+            cfg[section] = {}
+    return OmegaConf.merge(cfg, update)
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    if hint is Any or hint is inspect.Parameter.empty:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, Sequence, tuple) or hint in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin in (dict, typing.Mapping) or hint is dict:
+        return isinstance(value, dict)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def check_options(section: str, factory: Callable[..., Any], options: dict[str, Any]) -> None:
+    """Check a section's options against a registered factory's keyword parameters and their types."""
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    params = inspect.signature(target).parameters
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # noqa: BLE001 - unresolvable hints only weaken the type check
+        hints = {}
+    injected = {"self", *_INJECTED.get(section, ())}
+    allowed = [n for n, p in params.items() if n not in injected and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    for key, value in options.items():
+        if key == "name":
+            continue
+        if key not in allowed:
+            raise ConfigError(
+                f"unknown config key '{section}.{key}'; allowed: {', '.join(['name', *allowed]) or 'name'}"
+            )
+        hint = hints.get(key, inspect.Parameter.empty)
+        if value is not None and not _type_ok(value, hint):
+            raise ConfigError(f"config key '{section}.{key}' must be {_type_name(hint)}, got {value!r}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check names and options of every free-form section before anything runs."""
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    fusion = OmegaConf.to_container(cfg.fusion, resolve=True)
+    for section, registry, options in (("data", DATASETS, data), ("model", MODELS, model), ("fusion", FUSIONS, fusion)):
+        if "name" not in options:
+            raise ConfigError(f"config section '{section}' needs a name, e.g. {section}.name=...")
+        if options["name"] not in registry:
+            raise ConfigError(registry.unknown_message(options["name"]))
+        check_options(section, registry.get(options["name"]), options)
+    for i, term in enumerate(OmegaConf.to_container(cfg.loss.terms, resolve=True)):
+        if not isinstance(term, dict) or "name" not in term:
+            raise ConfigError(f"loss.terms[{i}] needs a name, e.g. {{name: ce, weight: 1.0}}")
+        if term["name"] not in LOSSES:
+            raise ConfigError(LOSSES.unknown_message(term["name"]))
+        check_options(f"loss.terms[{i}]", LOSSES.get(term["name"]), {k: v for k, v in term.items() if k != "weight"})
+    if cfg.train.monitor not in ("accuracy", "macro_f1", "loss"):
+        raise ConfigError(f"config key 'train.monitor' must be accuracy, macro_f1 or loss, got {cfg.train.monitor!r}")
+    if cfg.train.select not in ("best", "last"):
+        raise ConfigError(f"config key 'train.select' must be best or last, got {cfg.train.select!r}")
+    for key in ("epochs", "batch_size", "devices"):
+        if cfg.train[key] < 1:
+            raise ConfigError(f"config key 'train.{key}' must be at least 1, got {cfg.train[key]}")
+    if cfg.train.lr <= 0:
+        raise ConfigError(f"config key 'train.lr' must be positive, got {cfg.train.lr}")
+
+
+def section(cfg: DictConfig, name: str) -> dict[str, Any]:
+    """A config section as a plain dict."""
+    return OmegaConf.to_container(cfg[name], resolve=True)  # type: ignore[return-value]
+
