@@ -1,0 +1,129 @@
+"""Execute an experiment's plan: skip finished runs, retry failed ones, run the rest in local processes.
+
+Each run is claimed in the store by the process that trains it, so concurrent sweeps on one store and
+re-runs after an interruption never train a run twice. A failing run is recorded with its error and the
+sweep goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import shutil
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from fuselab.experiments.spec import PlannedRun, Spec
+from fuselab.experiments.store import Store
+
+HEARTBEAT_SECONDS = 30.0
+
+
+@dataclasses.dataclass
+class Outcome:
+    run_id: str
+    method: str
+    seed: int
+    status: str  # done | failed | skipped (held by another live process) | cached (already done)
+    metrics: dict[str, Any] | None = None
+    error: str | None = None
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def train_one(store_root: str, run_id: str, method: str, seed: int, config: dict[str, Any], threads: int) -> Outcome:
+    """Claim, train and publish one run (in a worker process or in-process)."""
+    from fuselab.train.config import make_config
+    from fuselab.train.run import execute  # imported in the worker
+
+    store = Store(store_root)
+    if not store.claim(run_id):
+        return Outcome(run_id, method, seed, "done" if store.status(run_id) == "done" else "skipped")
+    cfg = make_config(config, [f"train.threads={threads}"])
+    staging = store.staging_dir(run_id)
+    last_beat = [time.monotonic()]
+
+    def beat(epoch: int, row: dict[str, float]) -> None:
+        if time.monotonic() - last_beat[0] > HEARTBEAT_SECONDS:
+            store.heartbeat(run_id)
+            last_beat[0] = time.monotonic()
+
+    try:
+        result = execute(cfg, staging, on_epoch=beat)
+        store.publish(run_id, staging)
+        store.finish(run_id, result.metrics)
+        return Outcome(run_id, method, seed, "done", metrics=result.metrics)
+    except Exception as exc:  # noqa: BLE001 - a failing run is recorded and the sweep goes on
+        message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        store.fail(run_id, message + "\n" + traceback.format_exc())
+        shutil.rmtree(staging, ignore_errors=True)
+        return Outcome(run_id, method, seed, "failed", error=message)
+
+
+def prepare(spec: Spec, store: Store) -> list[PlannedRun]:
+    """Check everything, then record the plan in the store (nothing is written when a check fails)."""
+    store.check_writable()
+    plan = spec.plan()
+    store.init()
+    store.register_experiment(
+        spec.name, spec.source, spec.baseline, spec.metric,
+        [(r.run_id, r.method, r.seed, OmegaConf.to_container(r.config, resolve=True)) for r in plan],
+    )
+    return plan
+
+
+def default_jobs() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def execute_plan(
+    plan: list[PlannedRun],
+    store: Store,
+    *,
+    jobs: int,
+    on_outcome: Callable[[Outcome], None] | None = None,
+) -> list[Outcome]:
+    """Train every run of ``plan`` that is not done; ``jobs`` processes, torch threads split between them."""
+    outcomes: list[Outcome] = []
+    seen: set[str] = set()
+    todo: list[PlannedRun] = []
+    for run in plan:
+        if run.run_id in seen:
+            continue
+        seen.add(run.run_id)
+        if store.status(run.run_id) == "done":
+            outcome = Outcome(run.run_id, run.method, run.seed, "cached")
+            outcomes.append(outcome)
+            if on_outcome:
+                on_outcome(outcome)
+        else:
+            todo.append(run)
+    threads = max(1, default_jobs() // max(1, jobs))
+    args = [(str(store.root), r.run_id, r.method, r.seed, OmegaConf.to_container(r.config, resolve=True), threads) for r in todo]
+    if jobs <= 1 or len(todo) <= 1:
+        _init_worker(threads)
+        for a in args:
+            outcome = train_one(*a)
+            outcomes.append(outcome)
+            if on_outcome:
+                on_outcome(outcome)
+        return outcomes
+    context = multiprocessing.get_context("spawn")  # no forked torch thread pools
+    with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
+        futures = [pool.submit(train_one, *a) for a in args]
+        for future in as_completed(futures):
+            outcome = future.result()
+            outcomes.append(outcome)
+            if on_outcome:
+                on_outcome(outcome)
+    return outcomes

@@ -1,0 +1,169 @@
+"""Experiment specs: a base run config, a grid and named variants, seeds, a baseline and a metric.
+
+A spec expands into *methods* (each a set of overrides of the base) times *seeds*; each pair is a run
+whose id is a hash of its resolved config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import itertools
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from fuselab.train.config import ConfigError, make_config, read_yaml
+
+SPEC_KEYS = ("name", "description", "base", "grid", "variants", "seeds", "baseline", "metric")
+METRICS = ("accuracy", "macro_f1")
+# execution details: they change how a run executes, not what it computes, so they are not in its id
+EXECUTION_KEYS = ("train.threads", "train.tensorboard", "train.checkpoint", "train.eval_batch_size")
+
+
+@dataclasses.dataclass
+class Method:
+    name: str
+    overrides: dict[str, Any]  # dotted key -> value, applied on top of the base
+
+
+@dataclasses.dataclass
+class PlannedRun:
+    run_id: str
+    method: str
+    seed: int
+    config: DictConfig
+
+
+@dataclasses.dataclass
+class Spec:
+    name: str
+    base: dict[str, Any]
+    methods: list[Method]
+    seeds: list[int]
+    baseline: str  # a method name
+    metric: str = "accuracy"
+    description: str = ""
+    source: dict[str, Any] = dataclasses.field(default_factory=dict)  # the spec as written
+
+    def plan(self) -> list[PlannedRun]:
+        """Every (method, seed) run with its resolved config, checked before anything runs."""
+        runs = []
+        for method in self.methods:
+            for seed in self.seeds:
+                overrides = [f"{k}={_dot_value(v)}" for k, v in method.overrides.items()] + [f"seed={seed}"]
+                try:
+                    cfg = make_config(self.base, overrides)
+                except ConfigError as exc:
+                    raise ConfigError(f"spec '{self.name}', method '{method.name}': {exc}") from None
+                runs.append(PlannedRun(run_id(cfg), method.name, seed, cfg))
+        return runs
+
+
+def _dot_value(value: Any) -> str:
+    """A value as OmegaConf's dotlist parser reads it back (lists and dicts as YAML flow)."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+def run_id(cfg: DictConfig) -> str:
+    """Hash of the resolved config, seed included, execution details excluded."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for key in EXECUTION_KEYS:
+        section, leaf = key.split(".")
+        container.get(section, {}).pop(leaf, None)
+    blob = json.dumps(container, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def shipped_specs() -> dict[str, Path]:
+    folder = resources.files("fuselab") / "specs"
+    return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".yaml")}
+
+
+def _flatten(prefix: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(f"{prefix}.{k}" if prefix else str(k), v))
+        return out
+    return {prefix: value}
+
+
+def load_spec(name_or_path: str | Path) -> Spec:
+    """A spec by shipped name (``mfeat-compare``) or by path to a YAML file."""
+    text = str(name_or_path)
+    path = Path(text)
+    if not (path.suffix in (".yaml", ".yml") or path.exists()):
+        shipped = shipped_specs()
+        if text not in shipped:
+            close = difflib.get_close_matches(text, list(shipped), n=3, cutoff=0.5)
+            hint = ("did you mean " + " or ".join(f"'{c}'" for c in close) + "?") if close else (
+                f"shipped specs: {', '.join(sorted(shipped))}, or give a path to a .yaml file")
+            raise ConfigError(f"unknown spec '{text}'; {hint}")
+        path = shipped[text]
+    return parse_spec(read_yaml(path), default_name=path.stem)
+
+
+def parse_spec(raw: dict[str, Any], *, default_name: str = "experiment") -> Spec:
+    unknown = sorted(set(raw) - set(SPEC_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown spec key '{unknown[0]}'; allowed: {', '.join(SPEC_KEYS)}")
+    name = str(raw.get("name") or default_name)
+    base = raw.get("base") or {}
+    if not isinstance(base, dict):
+        raise ConfigError("spec key 'base' must be a mapping of config sections")
+    grid = raw.get("grid") or {}
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise ConfigError("spec key 'grid' must map dotted config keys to non-empty lists of values")
+    methods: list[Method] = []
+    keys = list(grid)
+    for values in itertools.product(*(grid[k] for k in keys)) if keys else ():
+        overrides = dict(zip(keys, values))
+        label = str(values[0]) if len(keys) == 1 else ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in overrides.items())
+        methods.append(Method(label, overrides))
+    for i, variant in enumerate(raw.get("variants") or []):
+        if not isinstance(variant, dict) or not variant.get("name"):
+            raise ConfigError(f"spec variant {i + 1} has no name; give each variant a 'name:' key")
+        body = {k: v for k, v in variant.items() if k != "name"}
+        methods.append(Method(str(variant["name"]), _flatten("", body) if body else {}))
+    if not methods:
+        methods.append(Method("base", {}))
+    names = [m.name for m in methods]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"spec '{name}' has two methods named '{duplicates[0]}'; rename a variant")
+    seeds = raw.get("seeds", [0])
+    if isinstance(seeds, int):
+        seeds = list(range(seeds))
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ConfigError("spec key 'seeds' must be a non-empty list of integers (or a count)")
+    metric = str(raw.get("metric", "accuracy"))
+    if metric not in METRICS:
+        raise ConfigError(f"spec key 'metric' must be one of {', '.join(METRICS)}, got '{metric}'")
+    baseline = _resolve_baseline(raw.get("baseline"), methods, name)
+    # check every grid key and override against the config schema now, on seed 0's config
+    spec = Spec(name, base, methods, list(seeds), baseline, metric, str(raw.get("description", "")), raw)
+    return spec
+
+
+def _resolve_baseline(baseline: Any, methods: list[Method], spec_name: str) -> str:
+    if baseline is None:
+        return methods[0].name
+    if isinstance(baseline, str):
+        for m in methods:
+            if m.name == baseline:
+                return m.name
+    elif isinstance(baseline, dict):
+        wanted = _flatten("", baseline)
+        for m in methods:
+            if all(m.overrides.get(k) == v for k, v in wanted.items()) and m.overrides:
+                return m.name
+    raise ConfigError(
+        f"spec '{spec_name}': baseline {baseline!r} matches no method; methods are: {', '.join(m.name for m in methods)}"
+    )
