@@ -1,7 +1,11 @@
-"""The one generic multi-stream network: per-modality staged encoders, an optional exchange, a merge at a
-chosen position, a shared trunk after it, and a head.
+"""The one generic multi-stream network: per-modality staged encoders, an optional exchange, an optional
+per-modality pooling, a merge at a chosen position, a shared trunk after it, and a head.
 
-Legend: b batch, m modality, s stage, d width, k classes.
+Legend: b batch, m modality, s stage, n tokens, d width, k classes.
+
+Order of a forward pass: ``encoders`` (per modality) -> ``exchange`` (``{m: x_m} -> {m: x'_m}``: a standalone
+or wrapping Exchange, or ``StreamSequence`` of several) -> ``pool`` (per modality, e.g. class token or mean
+over tokens) -> ``merge`` -> ``trunk`` -> ``head``.
 
 ``fuse_at``:
 - ``"early"``: merge the inputs, then every stage runs once on the fused input (a shared trunk);
@@ -12,7 +16,7 @@ A merge that produces logits (``late``) replaces the head.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 
@@ -35,11 +39,40 @@ def resolve_fuse_at(fuse_at: str | int, n_stages: int) -> int:
     )
 
 
+class PerModality(nn.Module):
+    """Run each modality's own module on its stream: ``{m: x_m} -> {m: f_m(x_m)}`` (the streams stay apart)."""
+
+    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
+        super().__init__()
+        self.streams = nn.ModuleDict(dict(modules))
+
+    def forward(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {m: self.streams[m](x) for m, x in inputs.items()}
+
+
+class StreamSequence(nn.Module):
+    """Several dict -> dict steps (exchanges, ``PerModality``) one after another."""
+
+    def __init__(self, steps: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.steps = nn.ModuleList(steps)
+
+    def forward(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        xs = dict(inputs)
+        for step in self.steps:
+            xs = step(xs)
+        return xs
+
+
 class MultiStream(nn.Module):
     """Generic multi-stream model.
 
     Args:
         encoders: per modality, the stages that run before the merge (identity for early fusion).
+        exchange: optional ``{m: x_m} -> {m: x'_m}`` module run on the encoders' outputs (an Exchange,
+            standalone or wrapping the streams' later layers, or a ``StreamSequence``).
+        pool: optional per-modality module run after the exchange, before the merge (e.g. class-token or mean
+            pooling of tokens to a vector).
         merge: a Merge operator over the modalities' outputs at the fusion point.
         trunk: the stages that run on the fused features (empty when fusing at the last stage).
         head: maps the fused (trunk) features to logits; None when the merge produces logits.
@@ -55,6 +88,8 @@ class MultiStream(nn.Module):
         trunk: nn.Module | None = None,
         head: nn.Module | None = None,
         modality_heads: Mapping[str, nn.Module] | None = None,
+        exchange: nn.Module | None = None,
+        pool: Mapping[str, nn.Module] | None = None,
     ) -> None:
         super().__init__()
         if merge.produces_logits and head is not None:
@@ -63,6 +98,8 @@ class MultiStream(nn.Module):
             raise ValueError("MultiStream needs a head unless the merge produces logits")
         self.modalities = sorted(encoders)
         self.encoders = nn.ModuleDict(dict(encoders))
+        self.exchange = exchange
+        self.pool = nn.ModuleDict(dict(pool)) if pool else None
         self.merge = merge
         self.trunk = trunk if trunk is not None else nn.Identity()
         self.head = head
@@ -75,6 +112,10 @@ class MultiStream(nn.Module):
         if missing and not self.merge.supports_missing:
             raise ValueError(f"missing modality '{missing[0]}'; the model was built for {self.modalities}")
         streams = {m: self.encoders[m](inputs[m]) for m in self.modalities if m in inputs}
+        if self.exchange is not None:
+            streams = self.exchange(streams)
+        if self.pool is not None:
+            streams = {m: self.pool[m](z) for m, z in streams.items()}
         modality_logits = None
         if self.modality_heads is not None:
             modality_logits = {m: self.modality_heads[m](z) for m, z in streams.items()}

@@ -1,0 +1,189 @@
+"""``mbt``: the Multimodal Bottleneck Transformer (Nagrani et al., NeurIPS 2021) as a configuration of the
+generic MultiStream.
+
+Legend: b batch, m modality, n tokens, d width, l layer, k classes.
+
+Per modality: a tokenizer (feature tokens for vectors, image patches, AST spectrogram patches), a class token
+(``classifier="token"``) and learned position embeddings, then ``layers`` pre-norm transformer blocks. The
+first ``fusion_layer`` blocks are the modality's encoder; the remaining blocks are wrapped by the exchange
+(``bottleneck`` by default, or ``joint-attention``; a standalone token exchange such as ``cross-attention``
+runs before each of the remaining blocks instead). ``fusion_layer = 0`` fuses from the first block,
+``fusion_layer = layers`` never exchanges (late fusion). Each stream ends in a LayerNorm and is pooled to a
+vector (its class token, or the mean of its tokens), then the ``fusion`` merge: ``late`` averages
+per-modality logits as the reference does; any vector merge with a linear head also works.
+
+Reference: google-research/scenic ``projects/mbt/model.py``. Deliberate differences (besides those of the
+operators, see ``fuselab.fusion.bottleneck``):
+- scenic's final LayerNorm and output projection are shared by all modalities; here each stream has its own
+  LayerNorm (one shared LayerNorm with ``shared_weights``) and ``late`` has its own head per modality;
+- ``classifier="gap"`` averages each modality's tokens separately (scenic averages all tokens of all
+  modalities into one vector), so the late merge still sees one vector per modality;
+- the output projection is not zero-initialised;
+- scenic trains on the mean of the per-modality cross-entropies and averages logits only at evaluation; here
+  the loss sees the averaged logits (add the ``aux-unimodal`` loss term for per-modality losses);
+- scenic's ``test_with_bottlenecks=False`` (dropping the exchange at test time) is not offered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+import fuselab.api as api
+from fuselab.layers.tokenizers import (
+    ClassTokenPool,
+    FeatureTokenizer,
+    MeanPool,
+    PatchTokenizer,
+    SpectrogramTokenizer,
+    TokenStem,
+)
+from fuselab.layers.transformer import transformer_blocks
+from fuselab.models.multistream import MultiStream, PerModality, StreamSequence
+from fuselab.registry import FUSIONS, MODELS
+
+TOKENIZERS = ("feature", "patch", "spectrogram")
+CLASSIFIERS = ("token", "gap")
+
+
+def make_tokenizer(
+    kind: str, shape: int | Sequence[int], *, width: int, features_per_token: int, patch_size: int, patch_stride: int
+) -> nn.Module:
+    """A tokenizer for one modality of input shape ``shape`` (F; (C, H, W); or (T, F))."""
+    if kind == "feature":
+        if not isinstance(shape, int):
+            raise ValueError(f"model.tokenizer=feature needs vector inputs (an integer width), got shape {shape}")
+        return FeatureTokenizer(in_features=shape, dim=width, features_per_token=features_per_token)
+    if kind == "patch":
+        if isinstance(shape, int) or len(shape) != 3:
+            raise ValueError(f"model.tokenizer=patch needs image inputs (C, H, W), got shape {shape}")
+        c, h, w = shape
+        return PatchTokenizer(in_channels=c, dim=width, image_size=(h, w), patch_size=patch_size)
+    if isinstance(shape, int) or len(shape) != 2:
+        raise ValueError(f"model.tokenizer=spectrogram needs (frames, bins) inputs, got shape {shape}")
+    frames, bins = shape
+    return SpectrogramTokenizer(dim=width, frames=frames, bins=bins, patch_size=patch_size, stride=patch_stride)
+
+
+def check_fusion_layer(fusion_layer: int, layers: int) -> None:
+    if isinstance(fusion_layer, bool) or not isinstance(fusion_layer, int) or not 0 <= fusion_layer <= layers:
+        raise ValueError(
+            f"model.fusion_layer must be in 0..{layers} (0 = fuse from the first layer, {layers} = no exchange), "
+            f"got {fusion_layer!r}"
+        )
+
+
+@MODELS.register("mbt")
+def mbt(
+    *,
+    dims: Mapping[str, Any],
+    num_classes: int,
+    fusion: Mapping[str, Any],
+    exchange: Mapping[str, Any] | None = None,
+    layers: int = 4,
+    width: int = 64,
+    heads: int = 4,
+    mlp_ratio: float = 4.0,
+    fusion_layer: int = 2,
+    n_bottlenecks: int = 4,
+    classifier: str = "token",
+    shared_weights: bool = False,
+    tokenizer: str = "feature",
+    features_per_token: int = 1,
+    patch_size: int = 16,
+    patch_stride: int = 10,
+    dropout: float = 0.0,
+    attn_dropout: float = 0.0,
+    drop_path: float = 0.0,
+    modality_heads: bool = False,
+) -> MultiStream:
+    """MBT in the generic MultiStream.
+
+    Args:
+        dims: per modality the input shape: a width for ``feature``, (C, H, W) for ``patch``, (T, F) for
+            ``spectrogram``.
+        num_classes: number of classes.
+        fusion: the merge of the pooled streams (``{"name": "late"}`` is MBT's averaged logits).
+        exchange: the exchange operator and its options; None is ``bottleneck``.
+        layers: transformer blocks per modality.
+        width: token width d.
+        heads: attention heads (must divide ``width``); the parameter count does not depend on it.
+        mlp_ratio: MLP hidden width as a multiple of ``width``.
+        fusion_layer: first block the exchange acts in (0..layers; ``layers`` = no exchange).
+        n_bottlenecks: bottleneck tokens (for ``bottleneck``; ignored by other exchanges).
+        classifier: ``token`` (per-modality class token) or ``gap`` (mean over the modality's tokens).
+        shared_weights: one set of transformer blocks for all modalities (scenic's ``share_encoder``); the
+            tokenizers stay per modality.
+        tokenizer: ``feature`` (FT-Transformer, vectors), ``patch`` (ViT, images), ``spectrogram`` (AST).
+        features_per_token: features grouped into one token by the feature tokenizer (1 = FT-Transformer).
+        patch_size: patch side of the patch / spectrogram tokenizers.
+        patch_stride: patch step of the spectrogram tokenizer (AST: 10).
+        dropout: dropout on embeddings, attention outputs and MLPs.
+        attn_dropout: dropout on attention probabilities.
+        drop_path: stochastic depth, growing linearly over the blocks to this rate.
+        modality_heads: a linear head per stream on its pooled vector (for the ``aux-unimodal`` loss term).
+    """
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        raise ValueError(f"model.layers must be a positive integer, got {layers!r}")
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or width % heads:
+        raise ValueError(f"model.heads={heads} must be a positive divisor of model.width={width}")
+    check_fusion_layer(fusion_layer, layers)
+    if classifier not in CLASSIFIERS:
+        raise ValueError(f"model.classifier must be one of {', '.join(CLASSIFIERS)}, got {classifier!r}")
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"model.tokenizer must be one of {', '.join(TOKENIZERS)}, got {tokenizer!r}")
+    if len(dims) < 2:
+        raise ValueError(f"mbt needs at least 2 modalities, got {len(dims)}")
+    modalities = sorted(dims)
+    exchange = dict(exchange or {"name": "bottleneck"})
+    exchange_name = exchange.pop("name")
+    info = api.fusion_info(exchange_name)
+    if info.contract != "exchange" or "tokens" not in info.forms:
+        raise ValueError(f"exchange '{exchange_name}' is not a token exchange; use bottleneck, joint-attention, "
+                         "cross-attention or token-exchange")
+    if exchange_name == "bottleneck":
+        exchange.setdefault("n_bottlenecks", n_bottlenecks)
+
+    block_options = dict(dim=width, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout, attn_dropout=attn_dropout,
+                         drop_path=drop_path)
+    shared = transformer_blocks(depth=layers, **block_options) if shared_weights else None
+    blocks = {m: shared if shared_weights else transformer_blocks(depth=layers, **block_options) for m in modalities}
+    encoders = {}
+    for m in modalities:
+        tok = make_tokenizer(tokenizer, dims[m], width=width, features_per_token=features_per_token,
+                             patch_size=patch_size, patch_stride=patch_stride)
+        stem = TokenStem(tok, dim=width, class_token=classifier == "token", dropout=dropout)
+        encoders[m] = nn.Sequential(stem, *blocks[m][:fusion_layer])
+
+    exchange_module: nn.Module | None = None
+    if fusion_layer < layers:
+        rest = {m: blocks[m][fusion_layer:] for m in modalities}
+        if info.kind == "wrapping":
+            exchange_module = api.create_fusion(exchange_name, layers=rest, **exchange)
+        else:  # a standalone exchange before each remaining block
+            steps: list[nn.Module] = []
+            for i in range(layers - fusion_layer):
+                steps.append(api.create_fusion(exchange_name, dims={m: width for m in modalities}, **exchange))
+                steps.append(PerModality({m: rest[m][i] for m in modalities}))
+            exchange_module = StreamSequence(steps)
+
+    counts = {m: encoders[m][0].num_tokens for m in modalities}
+    if fusion_layer < layers and FUSIONS.get(exchange_name).same_size and len(set(counts.values())) != 1:
+        raise ValueError(f"exchange '{exchange_name}' needs aligned tokens (the same count per modality), got {counts}")
+
+    final_norm = nn.LayerNorm(width) if shared_weights else None
+    pooling = ClassTokenPool if classifier == "token" else MeanPool
+    pool = {m: nn.Sequential(final_norm or nn.LayerNorm(width), pooling()) for m in modalities}
+
+    fusion = dict(fusion)
+    name = fusion.pop("name")
+    produces_logits = api.fusion_info(name).produces_logits
+    if produces_logits:
+        fusion["out_dim"] = num_classes
+    merge = api.create_fusion(name, dims={m: width for m in modalities}, **fusion)
+    head = None if produces_logits else nn.Sequential(nn.Dropout(dropout), nn.Linear(merge.out_dim, num_classes))
+    heads_per_modality = {m: nn.Linear(width, num_classes) for m in modalities} if modality_heads else None
+    return MultiStream(encoders=encoders, exchange=exchange_module, pool=pool, merge=merge, head=head,
+                       modality_heads=heads_per_modality)
