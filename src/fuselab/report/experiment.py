@@ -1,14 +1,26 @@
-"""The comparison report of one experiment: statistics and tables written to ``<store>/<experiment>/report/``."""
+"""The comparison report of one experiment, written to ``<store>/<experiment>/report/``.
+
+``results.{md,tex,csv}`` (the table), ``report.md`` (table, plots and figure with headings),
+``plots/*.{png,pdf}``, ``network.{svg,pdf}`` (the baseline's model) and ``report.html`` (all of it in one
+self-contained file). With ``lang="zh"`` the Markdown and HTML files carry Chinese headings and captions
+and are written as ``*.zh.md`` / ``report.zh.html``; LaTeX and CSV stay English.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import json
+import warnings
 from pathlib import Path
 
 import pandas as pd
 
 from fuselab.experiments.results import comparison_frame
 from fuselab.experiments.store import Store
+from fuselab.report.figure import draw_config
+from fuselab.report.i18n import check_lang, text
+from fuselab.report.plots import method_flops, spec_methods, write_plots
 from fuselab.report.tables import summarize, to_csv, to_latex, to_markdown
 from fuselab.train.config import ConfigError
 
@@ -21,25 +33,76 @@ class Report:
     failed: int
 
 
-def _caption(experiment: str, spec: dict, seeds: list[int]) -> str:
+def _caption(experiment: str, spec: dict, seeds: list[int], lang: str = "en") -> str:
     base = spec.get("base") or {}
     data = (base.get("data") or {}).get("name", "mfeat")
     epochs = (base.get("train") or {}).get("epochs")
-    budget = f"equal epochs ({epochs})" if epochs else "equal epochs"
-    seed_text = ", ".join(map(str, seeds))
-    return (
-        f"{experiment}: test accuracy and macro-F1 (%) on {data}, mean ± std over {len(seeds)} seeds "
-        f"({seed_text}); budget: {budget}"
-    )
+    budget = text("budget_epochs", lang, epochs=epochs) if epochs else text("budget_equal", lang)
+    return text("caption", lang, experiment=experiment, data=data, n=len(seeds), seeds=", ".join(map(str, seeds)), budget=budget)
 
 
-def build_report(store: str | Path, experiment: str) -> Report:
-    """Summarise an experiment from the store and write Markdown, LaTeX and CSV tables."""
+def _localize_markdown(markdown: str, lang: str, baseline: str, n: int, alpha: str) -> str:
+    """Chinese column headings and notes for a ``to_markdown`` table (unchanged in English)."""
+    if lang == "en":
+        return markdown
+    lines = markdown.split("\n")
+    heads = {"Method": text("col_method", lang), "Seeds": text("col_seeds", lang), "Params": text("col_params", lang),
+             "vs. baseline": text("col_vs", lang), "Accuracy (%)": f"{text('Accuracy', lang)} (%)",
+             "Macro-F1 (%)": f"{text('Macro-F1', lang)} (%)", "Δ Accuracy (pp)": f"Δ {text('Accuracy', lang)} (pp)",
+             "Δ Macro-F1 (pp)": f"Δ {text('Macro-F1', lang)} (pp)"}
+    out = []
+    for i, line in enumerate(lines):
+        if i == 2 and line.startswith("| "):
+            line = "| " + " | ".join(heads.get(c, c) for c in line[2:-2].split(" | ")) + " |"
+        elif line.startswith("| ") and line.endswith(" | (baseline) |"):
+            line = line[: -len("(baseline) |")] + text("baseline_mark", lang) + " |"
+        elif line.startswith("Values:"):
+            line = text("md_values", lang, baseline=baseline)
+        elif line.startswith("▲/▼:"):
+            line = text("md_marks", lang, alpha=alpha, n=n)
+        out.append(line)
+    return "\n".join(out)
+
+
+def _environments(frame: pd.DataFrame) -> list[dict]:
+    """The distinct environments the runs recorded (versions, git revision, hardware), with run counts."""
+    seen: dict[str, dict] = {}
+    for path in frame["path"]:
+        file = Path(path) / "environment.json"
+        if not file.is_file():
+            continue
+        env = json.loads(file.read_text())
+        env.pop("torch_threads", None)
+        key = json.dumps(env, sort_keys=True)
+        seen.setdefault(key, {**env, "_runs": 0})["_runs"] += 1
+    return sorted(seen.values(), key=lambda e: -e["_runs"])
+
+
+def build_report(store: str | Path, experiment: str, *, lang: str = "en", plots: bool = True,
+                 figure: bool = True, html: bool = True, flops: bool | str = "cached", pdf: bool = True) -> Report:
+    """Summarise an experiment from the store and write its tables, plots, figure and HTML report.
+
+    Args:
+        store: the store folder.
+        experiment: the experiment's name.
+        lang: ``en`` or ``zh`` for headings and captions.
+        plots: write the plots (``plots/``).
+        figure: draw the baseline's network (``network.svg``/``.pdf``).
+        html: write the self-contained ``report.html`` (needs nothing else to be written first).
+        flops: True counts FLOPs per sample where a run has none cached (about a second per method),
+            ``"cached"`` plots only counts already cached, False leaves FLOPs out.
+        pdf: also write the plots and the figure as PDF (for LaTeX; about a second each, for the
+            embedded fonts). PNG plots and the SVG figure are always written.
+    """
+    check_lang(lang)
     st = Store(store)
     info = st.experiment(experiment)
     frame = comparison_frame(store, experiment)
     runs = st.experiment_runs(experiment)
-    failed = sum(r["status"] == "failed" for r in runs)
+    failed_runs = [
+        {"method": r["method"], "seed": r["seed"], "error": (r["error"] or "").splitlines()[0] if r["error"] else "?"}
+        for r in runs if r["status"] == "failed"
+    ]
     if frame.empty:
         raise ConfigError(f"experiment '{experiment}' has no finished runs yet; run `fuselab compare {experiment}`")
     if info["baseline"] not in set(frame["method"]):
@@ -47,12 +110,75 @@ def build_report(store: str | Path, experiment: str) -> Report:
     summary = summarize(frame, baseline=info["baseline"], metrics=("accuracy", "macro_f1"), primary=info["metric"])
     seeds = sorted(frame["seed"].unique().tolist())
     caption = _caption(experiment, info["spec"], seeds)
-    markdown = to_markdown(summary, caption=caption)
+    n_compared = int((summary["method"] != info["baseline"]).sum())
+    alpha = f"{summary.attrs.get('alpha', 0.05):g}"
+    markdown = _localize_markdown(to_markdown(summary, caption=_caption(experiment, info["spec"], seeds, lang)),
+                                  lang, info["baseline"], n_compared, alpha)
     latex = to_latex(summary, caption=caption, label=f"tab:{experiment}")
     out = st.report_dir(experiment)
     out.mkdir(parents=True, exist_ok=True)
-    files = {"markdown": out / "results.md", "latex": out / "results.tex", "csv": out / "results.csv"}
-    files["markdown"].write_text(markdown + "\n")
+    suffix = "" if lang == "en" else f".{lang}"
+    files = {"markdown": out / f"results{suffix}.md", "latex": out / "results.tex", "csv": out / "results.csv"}
+    files["markdown"].write_text(markdown + "\n", encoding="utf-8")
     files["latex"].write_text(latex + "\n")
     to_csv(summary, files["csv"])
-    return Report(summary=summary, markdown=markdown, files=files, failed=failed)
+
+    written_plots = write_plots(frame, summary, info["spec"], out / "plots", lang=lang, flops=flops,
+                                formats=("png", "pdf") if pdf else ("png",)) if plots else {}
+    for name, plot in written_plots.items():
+        files[f"plot:{name}"] = next(p for p in plot["files"] if p.suffix == ".png")
+    network = None
+    base_runs = frame[frame["method"] == info["baseline"]].sort_values("seed")
+    base_config = next((r["config"] for r in runs if r["run_id"] == base_runs["run_id"].iloc[0]), {})
+    figure_caption = text("cap_figure", lang, method=info["baseline"])
+    if figure:
+        try:
+            network = draw_config(base_config, out / "network", formats=("svg", "pdf") if pdf else ("svg",))[0]
+            files["figure"] = network
+        except Exception as exc:  # noqa: BLE001 - a model the figure cannot describe must not cost the tables
+            warnings.warn(f"network figure skipped: {type(exc).__name__}: {exc}", stacklevel=2)
+
+    sections = [f"# {text('report_title', lang, experiment=experiment)}", "", f"## {text('results', lang)}", "", markdown]
+    if failed_runs:
+        sections += [f"## {text('failed_runs', lang)}", ""]
+        sections += [f"- {f['method']} (seed {f['seed']}): {f['error']}" for f in failed_runs] + [""]
+    if written_plots:
+        sections += [f"## {text('plots', lang)}", ""]
+        for name, plot in written_plots.items():
+            sections += [f"![{name}](plots/{name}.png)", "", f"*{plot['caption']}*", ""]
+    if network is not None:
+        sections += [f"## {text('network', lang)}", "", "![network](network.svg)", "", f"*{figure_caption}*", ""]
+    files["report"] = out / f"report{suffix}.md"
+    files["report"].write_text("\n".join(sections), encoding="utf-8")
+
+    if html:
+        from fuselab.report.html import render_html, summary_table_html
+
+        import yaml
+
+        flops_by_method = method_flops(frame, compute=False) if plots and flops else {}
+        overrides, _ = spec_methods(info["spec"])
+        when = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+        page = render_html(
+            title=text("report_title", lang, experiment=experiment), lang=lang,
+            table_html=summary_table_html(summary, caption=_caption(experiment, info["spec"], seeds, lang), lang=lang,
+                                          flops=flops_by_method or None),
+            plots=written_plots, figure=network, figure_caption=figure_caption,
+            base_config=base_config, seed=int(base_runs["seed"].iloc[0]),
+            overrides={m: overrides.get(m, {}) for m in summary["method"]},
+            spec_yaml=yaml.safe_dump(info["spec"], sort_keys=False, allow_unicode=True),
+            environments=_environments(frame), failed=failed_runs,
+            generated=text("generated", lang, when=when, version=_version()),
+        )
+        files["html"] = out / f"report{suffix}.html"
+        files["html"].write_text(page, encoding="utf-8")
+    return Report(summary=summary, markdown=markdown, files=files, failed=len(failed_runs))
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("fuselab")
+    except metadata.PackageNotFoundError:
+        return "(source tree)"

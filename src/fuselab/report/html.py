@@ -1,0 +1,171 @@
+"""The HTML report: one self-contained file (no network, no scripts) with the comparison table, the plots,
+the network figure, the configs and the environment the runs ran on.
+
+Images are embedded: PNG plots as base64 ``data:`` URIs, the network figure as inline SVG.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fuselab.report.i18n import text
+from fuselab.report.plots import _human
+from fuselab.report.tables import DOWN_MARK, UP_MARK
+
+__all__ = ["render_html", "summary_table_html"]
+
+_CSS = """
+body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,"Noto Sans CJK SC","PingFang SC","Microsoft YaHei",sans-serif;
+     margin:2em auto;max-width:1100px;padding:0 1em;color:#222;line-height:1.45}
+h1{font-size:1.5em;border-bottom:2px solid #2F6DA3;padding-bottom:.2em}
+h2{font-size:1.2em;margin-top:1.6em;color:#2F6DA3}
+table{border-collapse:collapse;font-size:.9em;margin:.6em 0}
+th,td{padding:.25em .6em;border-bottom:1px solid #ddd;text-align:right;white-space:nowrap}
+th{border-bottom:2px solid #444;background:#f6f8fa}
+td:first-child,th:first-child{text-align:left}
+tr.baseline td{background:#f3f7fb}
+td.best{font-weight:bold}
+td.second{text-decoration:underline}
+.up{color:#1E8A55}.down{color:#C0392B}
+caption{caption-side:top;text-align:left;font-weight:bold;padding-bottom:.4em}
+figure{margin:1em 0}
+figure img{max-width:100%;height:auto;border:1px solid #eee}
+figure svg{width:100%;max-width:900px;height:auto}
+figcaption{font-size:.88em;color:#555}
+pre{background:#f6f8fa;padding:.7em;overflow-x:auto;font-size:.82em}
+.note{font-size:.85em;color:#555}
+table.kv td{text-align:left}
+"""
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _pct(value: float) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value * 100:.2f}"
+
+
+def summary_table_html(summary: pd.DataFrame, *, caption: str, lang: str = "en",
+                       flops: Mapping[str, float] | None = None) -> str:
+    """The comparison table: mean ± std (%) per metric, best bold, second underlined, marks vs. the baseline."""
+    metrics = list(summary.attrs.get("metrics") or ["accuracy"])
+    baseline = summary.attrs.get("baseline", summary["method"].iloc[0])
+    labels = {"accuracy": text("Accuracy", lang), "macro_f1": text("Macro-F1", lang)}
+    head = [text("col_method", lang), text("col_seeds", lang)]
+    head += [f"{labels.get(m, m)} (%)" for m in metrics]
+    head += [text("col_params", lang)] + ([text("col_flops", lang)] if flops else [])
+    head += ["Δ (pp)", text("col_vs", lang)]
+    ranks = {}
+    for m in metrics:
+        shown = np.round(summary[f"{m}_mean"].to_numpy(dtype=float) * 100, 2)
+        distinct = sorted({v for v in shown if not np.isnan(v)}, reverse=True)
+        ranks[m] = [distinct.index(v) + 1 if not np.isnan(v) else 0 for v in shown]
+    rows = []
+    for i, r in enumerate(summary.to_dict("records")):
+        is_base = r["method"] == baseline
+        cells = [f"<td>{_esc(r['method'])}</td>", f"<td>{int(r['n_seeds'])}</td>"]
+        for m in metrics:
+            cls = {1: ' class="best"', 2: ' class="second"'}.get(ranks[m][i], "")
+            cells.append(f"<td{cls}>{_pct(r[f'{m}_mean'])} ± {_pct(r[f'{m}_std'])}</td>")
+        params = r.get("params", math.nan)
+        cells.append(f"<td>{'–' if math.isnan(params) else f'{int(round(params)):,}'}</td>")
+        if flops:
+            value = flops.get(r["method"])
+            cells.append(f"<td>{'–' if value is None else _human(value)}</td>")
+        delta = "–" if is_base else f"{r['delta'] * 100:+.2f}"
+        cells.append(f"<td>{delta}</td>")
+        if is_base:
+            mark = _esc(text("baseline_mark", lang))
+        elif r["better"]:
+            mark = f'<span class="up">{UP_MARK}</span>'
+        elif r["worse"]:
+            mark = f'<span class="down">{DOWN_MARK}</span>'
+        else:
+            mark = ""
+        cells.append(f"<td>{mark}</td>")
+        rows.append(f'<tr{" class=baseline" if is_base else ""}>{"".join(cells)}</tr>')
+    n = int((summary["method"] != baseline).sum())
+    notes = [text("md_values", lang, baseline=baseline), text("md_marks", lang, alpha=f"{summary.attrs.get('alpha', 0.05):g}", n=n)]
+    return (
+        f'<table id="results"><caption>{_esc(caption)}</caption>\n<thead><tr>'
+        + "".join(f"<th>{_esc(h)}</th>" for h in head)
+        + "</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody></table>\n"
+        + "".join(f'<p class="note">{_esc(n_)}</p>' for n_ in notes)
+    )
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{_esc(alt)}">'
+
+
+def _inline_svg(path: Path) -> str:
+    svg = Path(path).read_text()
+    start = svg.find("<svg")  # drop the XML prolog and doctype: inline SVG takes the element only
+    return svg[start:] if start >= 0 else svg
+
+
+def _kv_table(pairs: Sequence[tuple[str, Any]]) -> str:
+    return '<table class="kv">' + "".join(f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in pairs) + "</table>"
+
+
+def _flatten(prefix: str, value: Any) -> list[tuple[str, Any]]:
+    if isinstance(value, Mapping):
+        out: list[tuple[str, Any]] = []
+        for k, v in value.items():
+            out += _flatten(f"{prefix}.{k}" if prefix else str(k), v)
+        return out
+    return [(prefix, value)]
+
+
+def render_html(*, title: str, lang: str, table_html: str, plots: Mapping[str, Mapping[str, Any]],
+                figure: Path | None, figure_caption: str, base_config: Mapping[str, Any], seed: int,
+                overrides: Mapping[str, Mapping[str, Any]], spec_yaml: str,
+                environments: Sequence[Mapping[str, Any]], failed: Sequence[Mapping[str, Any]],
+                generated: str) -> str:
+    """The whole report page as a string (write it with ``Path.write_text(..., encoding="utf-8")``)."""
+    import yaml
+
+    parts = [f"<h1>{_esc(title)}</h1>", f"<h2>{_esc(text('results', lang))}</h2>", table_html]
+    if failed:
+        parts.append(f"<h2>{_esc(text('failed_runs', lang))}</h2><ul>")
+        parts += [f"<li>{_esc(f['method'])} (seed {f['seed']}): {_esc(f['error'])}</li>" for f in failed]
+        parts.append("</ul>")
+    if plots:
+        parts.append(f"<h2>{_esc(text('plots', lang))}</h2>")
+        for name, plot in plots.items():
+            png = next((p for p in plot["files"] if str(p).endswith(".png")), None)
+            if png is not None:
+                parts.append(f'<figure id="plot-{_esc(name)}">{_img(png, name)}<figcaption>{_esc(plot["caption"])}</figcaption></figure>')
+    if figure is not None:
+        parts.append(f"<h2>{_esc(text('network', lang))}</h2>")
+        parts.append(f'<figure id="network">{_inline_svg(figure)}<figcaption>{_esc(figure_caption)}</figcaption></figure>')
+    parts.append(f"<h2>{_esc(text('configs', lang))}</h2>")
+    parts.append(f"<h3>{_esc(text('methods_overrides', lang))}</h3>")
+    parts.append(_kv_table([(m, ", ".join(f"{k}={v}" for k, v in o.items()) or "–") for m, o in overrides.items()]))
+    parts.append(f"<h3>{_esc(text('base_config', lang, seed=seed))}</h3>")
+    parts.append(f"<pre>{_esc(yaml.safe_dump(dict(base_config), sort_keys=False, allow_unicode=True))}</pre>")
+    parts.append(f"<h3>{_esc(text('spec', lang))}</h3><pre>{_esc(spec_yaml)}</pre>")
+    parts.append(f"<h2>{_esc(text('environment', lang))}</h2>")
+    for env in environments:
+        runs = env.get("_runs")
+        if runs is not None and len(environments) > 1:
+            parts.append(f'<p class="note">{runs} runs:</p>')
+        parts.append(_kv_table([(k, v) for k, v in _flatten("", {k: v for k, v in env.items() if k != "_runs"})]))
+    parts.append(f'<p class="note">{_esc(generated)}</p>')
+    lang_attr = "zh-CN" if lang == "zh" else "en"
+    return (
+        f'<!DOCTYPE html>\n<html lang="{lang_attr}"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f'<link rel="icon" href="data:,"><title>{_esc(title)}</title><style>{_CSS}</style></head>\n<body>\n'
+        + "\n".join(parts) + "\n</body></html>\n"
+    )

@@ -1,0 +1,123 @@
+"""Headings and captions of the reports and the journal in English and Chinese.
+
+One small table: :func:`text` looks a key up for a language and fills in ``{placeholders}``. Numbers are
+formatted by the callers, the same in every language.
+"""
+
+from __future__ import annotations
+
+LANGS = ("en", "zh")
+
+_TEXT: dict[str, dict[str, str]] = {
+    # report
+    "report_title": {"en": "Comparison report: {experiment}", "zh": "对比实验报告：{experiment}"},
+    "results": {"en": "Results", "zh": "实验结果"},
+    "plots": {"en": "Plots", "zh": "图表"},
+    "network": {"en": "Network", "zh": "网络结构图"},
+    "configs": {"en": "Configurations", "zh": "实验配置"},
+    "environment": {"en": "Environment", "zh": "运行环境"},
+    "failed_runs": {"en": "Failed runs", "zh": "失败的运行"},
+    "base_config": {"en": "Base run config (seed {seed})", "zh": "基础运行配置（种子 {seed}）"},
+    "methods_overrides": {"en": "Methods and their overrides", "zh": "各方法及其覆盖参数"},
+    "spec": {"en": "Experiment spec", "zh": "实验设置文件"},
+    "caption": {
+        "en": "{experiment}: test accuracy and macro-F1 (%) on {data}, mean ± std over {n} seeds ({seeds}); budget: {budget}",
+        "zh": "{experiment}：{data} 上的测试准确率与宏平均 F1（%），{n} 个随机种子（{seeds}）的均值 ± 标准差；训练预算：{budget}",
+    },
+    "budget_epochs": {"en": "equal epochs ({epochs})", "zh": "相同轮数（{epochs} 轮）"},
+    "budget_equal": {"en": "equal epochs", "zh": "相同轮数"},
+    "cap_params": {
+        "en": "Test accuracy against parameters; error bars: std over seeds; star: baseline.",
+        "zh": "测试准确率与参数量的关系；误差线为各种子的标准差；星号为基线。",
+    },
+    "cap_flops": {
+        "en": "Test accuracy against FLOPs per sample; error bars: std over seeds; star: baseline.",
+        "zh": "测试准确率与单样本 FLOPs 的关系；误差线为各种子的标准差；星号为基线。",
+    },
+    "cap_curves": {
+        "en": "Training curves: training loss and validation accuracy per epoch, mean over seeds (band: ± std).",
+        "zh": "训练曲线：每轮的训练损失与验证准确率，各种子的均值（阴影：± 标准差）。",
+    },
+    "cap_robustness": {
+        "en": "Robustness: test accuracy under increasing corruption, mean over seeds.",
+        "zh": "鲁棒性：随扰动强度增加的测试准确率，各种子的均值。",
+    },
+    "cap_heatmap": {
+        "en": "Ablation: mean test accuracy (%) over seeds for {rows} x {cols}.",
+        "zh": "消融实验：{rows} x {cols} 的测试准确率均值（%）。",
+    },
+    "cap_figure": {
+        "en": "Network of the baseline ({method}) as its config describes it.",
+        "zh": "基线模型（{method}）的网络结构图，由其配置生成。",
+    },
+    "md_values": {
+        "en": "Values: mean ± std over seeds in %; ±CI: half-width of the 95 % t confidence interval; best mean per metric in bold. Baseline: {baseline}.",
+        "zh": "数值：各种子的均值 ± 标准差（%）；±CI：95 % t 置信区间的半宽；每个指标的最佳均值加粗。基线：{baseline}。",
+    },
+    "md_marks": {
+        "en": "▲/▼: better/worse than the baseline, paired t-test over seeds and McNemar's test on pooled test predictions both p < {alpha} after Holm correction across {n} methods.",
+        "zh": "▲/▼：显著优于/劣于基线，即种子配对 t 检验与合并测试预测上的 McNemar 检验经 Holm 校正（{n} 个方法）后均 p < {alpha}。",
+    },
+    "col_method": {"en": "Method", "zh": "方法"},
+    "col_seeds": {"en": "Seeds", "zh": "种子数"},
+    "col_params": {"en": "Params", "zh": "参数量"},
+    "col_flops": {"en": "FLOPs", "zh": "FLOPs"},
+    "col_vs": {"en": "vs. baseline", "zh": "对比基线"},
+    "Accuracy": {"en": "Accuracy", "zh": "准确率"},
+    "Macro-F1": {"en": "Macro-F1", "zh": "宏平均 F1"},
+    "baseline_mark": {"en": "(baseline)", "zh": "（基线）"},
+    "generated": {"en": "Generated {when} by fuselab {version}.", "zh": "由 fuselab {version} 于 {when} 生成。"},
+    "failed_note": {
+        "en": "{n} runs failed; `fuselab compare {experiment}` retries them.",
+        "zh": "{n} 个运行失败；`fuselab compare {experiment}` 会重试它们。",
+    },
+    # journal
+    "journal_title": {"en": "Weekly journal {start} – {end}", "zh": "工作周报 {start} – {end}"},
+    "progress": {"en": "Progress", "zh": "工作进展"},
+    "plan": {"en": "Next steps", "zh": "下周计划"},
+    "nothing": {"en": "No runs finished in this period.", "zh": "本期没有完成的运行。"},
+    "exp_line": {
+        "en": "{experiment}: tried {n} variants ({runs} runs) against the baseline {baseline}",
+        "zh": "{experiment}：尝试了 {n} 种变体（{runs} 个运行），基线为 {baseline}",
+    },
+    "exp_only_baseline": {
+        "en": "{experiment}: ran the baseline {baseline} ({runs} runs)",
+        "zh": "{experiment}：运行了基线 {baseline}（{runs} 个运行）",
+    },
+    "variant_line": {"en": "{method}: {value}, {delta} vs. baseline, {verdict}", "zh": "{method}：{value}，相对基线 {delta}，{verdict}"},
+    "sig_better": {"en": "significantly better", "zh": "显著提升"},
+    "sig_worse": {"en": "significantly worse", "zh": "显著下降"},
+    "tests": {"en": " (t-test p {t}, McNemar p {mc}, Holm)", "zh": "（t 检验 p {t}，McNemar p {mc}，Holm 校正）"},
+    "not_sig": {"en": "not significant", "zh": "差异不显著"},
+    "no_pair": {"en": "no paired seeds with the baseline yet", "zh": "尚无与基线配对的种子"},
+    "baseline_line": {"en": "baseline {method}: {value}", "zh": "基线 {method}：{value}"},
+    "no_baseline": {"en": "the baseline {baseline} has no finished run yet", "zh": "基线 {baseline} 还没有完成的运行"},
+    "best_line": {"en": "best so far: {method}, {value} ({delta} vs. baseline)", "zh": "目前最佳：{method}，{value}（相对基线 {delta}）"},
+    "best_is_baseline": {"en": "best so far: the baseline {method}, {value}", "zh": "目前最佳：基线 {method}，{value}"},
+    "summary_line": {
+        "en": "{better} significantly better, {worse} significantly worse, {same} not significantly different",
+        "zh": "{better} 种显著提升，{worse} 种显著下降，{same} 种差异不显著",
+    },
+    "failed_line": {"en": "failed runs: {n}", "zh": "失败的运行：{n} 个"},
+    "failed_item": {"en": "{method} (seed {seed}): {error}", "zh": "{method}（种子 {seed}）：{error}"},
+    "pending_line": {"en": "{n} runs still pending or running", "zh": "还有 {n} 个运行未完成"},
+    "plan_retry": {"en": "Retry the failed runs: `fuselab compare {experiment}`", "zh": "重跑失败的运行：`fuselab compare {experiment}`"},
+    "plan_finish": {"en": "Finish the pending runs: `fuselab compare {experiment}`", "zh": "补完未完成的运行：`fuselab compare {experiment}`"},
+    "plan_report": {"en": "Write up {experiment}: `fuselab report {experiment}`", "zh": "整理 {experiment} 的结果：`fuselab report {experiment}`"},
+}
+
+
+def text(key: str, lang: str = "en", **values: object) -> str:
+    """The ``key`` text in ``lang`` (``en`` or ``zh``) with ``{placeholders}`` filled in."""
+    if lang not in LANGS:
+        raise ValueError(f"unknown language '{lang}'; choose one of: {', '.join(LANGS)}")
+    entry = _TEXT[key]
+    return entry.get(lang, entry["en"]).format(**values)
+
+
+def check_lang(lang: str) -> str:
+    if lang not in LANGS:
+        from fuselab.train.config import ConfigError
+
+        raise ConfigError(f"unknown language '{lang}'; choose one of: {', '.join(LANGS)}")
+    return lang

@@ -1,0 +1,528 @@
+"""Paper plots of an experiment, in one style that stays readable in a two-column paper.
+
+Every plot is written as PNG (for Markdown and HTML) and PDF (for LaTeX):
+
+* accuracy against parameters and against FLOPs per sample, error bars = std over seeds;
+* training curves (training loss, validation accuracy per epoch, mean over seeds with a +- std band);
+* robustness curves when runs hold a ``robustness.csv`` (columns ``corruption``, ``level``, ``accuracy``);
+* heat maps for two-parameter ablations (two grid keys with several values each; further grid keys give
+  one panel per combination).
+
+FLOPs are not part of a run's metrics yet: :func:`flops_per_sample` counts them for a run config with
+``torch.utils.flop_counter`` on one batch, and :func:`cached_flops` keeps the count in ``runs/<id>/flops.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from fuselab.report.i18n import text  # noqa: E402
+
+__all__ = [
+    "COLUMN_WIDTH",
+    "PAPER_RC",
+    "TEXT_WIDTH",
+    "cached_flops",
+    "flops_per_sample",
+    "paper_style",
+    "plot_ablation_heatmaps",
+    "plot_accuracy_vs_cost",
+    "plot_robustness",
+    "plot_training_curves",
+    "save_figure",
+    "write_plots",
+]
+
+COLUMN_WIDTH = 3.4  # inches: one column of a two-column paper (IEEE / NeurIPS-like)
+TEXT_WIDTH = 7.0  # inches: both columns
+# Okabe-Ito: distinguishable with colour-blindness and in grey print
+PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "h"]
+
+PAPER_RC: dict[str, Any] = {
+    "font.size": 8,
+    "axes.titlesize": 8,
+    "axes.labelsize": 8,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "legend.fontsize": 6.5,
+    "legend.frameon": False,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "grid.linewidth": 0.5,
+    "axes.linewidth": 0.6,
+    "lines.linewidth": 1.2,
+    "lines.markersize": 4,
+    "errorbar.capsize": 2,
+    "axes.prop_cycle": matplotlib.cycler(color=PALETTE),
+    "savefig.dpi": 150,
+    "savefig.bbox": "tight",
+    "savefig.pad_inches": 0.02,
+    "pdf.fonttype": 42,  # TrueType in PDFs: editable text, accepted by paper systems
+    "svg.fonttype": "none",  # text stays text in SVGs: small files, editable
+    "figure.dpi": 100,
+}
+
+_AXIS = {
+    "accuracy": {"en": "Test accuracy (%)", "zh": "测试准确率 (%)"},
+    "params": {"en": "Parameters", "zh": "参数量"},
+    "flops": {"en": "FLOPs per sample", "zh": "单样本 FLOPs"},
+    "epoch": {"en": "Epoch", "zh": "轮次"},
+    "train_loss": {"en": "Training loss", "zh": "训练损失"},
+    "val_accuracy": {"en": "Validation accuracy (%)", "zh": "验证准确率 (%)"},
+    "level": {"en": "Corruption level", "zh": "扰动强度"},
+}
+
+
+def _cjk_font() -> str | None:
+    """A font that has Chinese glyphs, if one is installed."""
+    from matplotlib import font_manager
+
+    for font in font_manager.fontManager.ttflist:
+        if any(k in font.name for k in ("Noto Sans CJK", "Noto Serif CJK", "WenQuanYi", "Source Han", "SimHei", "Droid Sans Fallback")):
+            return font.name
+    return None
+
+
+def plot_lang(lang: str) -> str:
+    """The language of text inside images: Chinese only where a font can draw it, else English."""
+    return "zh" if lang == "zh" and _cjk_font() else "en"
+
+
+def _axis(key: str, lang: str) -> str:
+    return _AXIS[key][lang]
+
+
+@contextlib.contextmanager
+def paper_style(lang: str = "en") -> Iterator[None]:
+    """Matplotlib settings of every fuselab plot (and the network figure)."""
+    rc = dict(PAPER_RC)
+    if lang == "zh" and (font := _cjk_font()):
+        rc["font.sans-serif"] = [font, "DejaVu Sans"]
+        rc["axes.unicode_minus"] = False
+    with matplotlib.rc_context(rc):
+        yield
+
+
+# no dates or versions in the files: a report rewritten from the same results gives the same files
+_FIXED_METADATA = {"png": {"Software": None}, "pdf": {"CreationDate": None, "Producer": None}, "svg": {"Date": None}}
+
+
+def save_figure(fig: plt.Figure, stem: str | Path, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+    """Write ``fig`` as ``<stem>.<format>`` for each format, close it, return the paths."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in formats:
+        path = stem.with_suffix(f".{fmt}")
+        # fixed metadata keeps files identical from one report to the next
+        fig.savefig(path, format=fmt, metadata=_FIXED_METADATA.get(fmt))
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs
+# ----------------------------------------------------------------------------------------------
+
+
+def flops_per_sample(cfg: Any, data: Any = None, *, batch: int = 8) -> float:
+    """Forward FLOPs per sample of the model a run config describes (eval mode, one test batch).
+
+    ``cfg`` is a resolved run config (``DictConfig`` or a plain dict); ``data`` its ``DataBundle`` if
+    already built. Attention through SDPA is counted (``fuselab.layers.attention`` registers its formula).
+    """
+    import torch
+    from omegaconf import DictConfig
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import fuselab.layers.attention  # noqa: F401  (registers the SDPA FLOP formula)
+    from fuselab.train.config import make_config
+    from fuselab.train.run import build_data, build_model
+
+    if not isinstance(cfg, DictConfig):
+        cfg = make_config(dict(cfg))
+    data = data if data is not None else build_data(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg, data).eval()
+    n = min(batch, len(data.test))
+    inputs, _ = data.test.take(torch.arange(n))
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(inputs)
+    return counter.get_total_flops() / n
+
+
+def cached_flops(run_dir: str | Path, cfg: Any = None, *, compute: bool = True,
+                 data_cache: dict[str, Any] | None = None) -> float | None:
+    """FLOPs per sample of a finished run, from ``<run_dir>/flops.json`` or counted and stored there.
+
+    Args:
+        run_dir: the run folder (its ``config.yaml`` is read when ``cfg`` is not given).
+        cfg: the run's resolved config, if at hand.
+        compute: count when nothing is cached; with False a missing cache gives None.
+        data_cache: datasets built so far, keyed by their data section (runs share data).
+    """
+    run_dir = Path(run_dir)
+    cache = run_dir / "flops.json"
+    if cache.is_file():
+        try:
+            return float(json.loads(cache.read_text())["flops_per_sample"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    if not compute:
+        return None
+    from omegaconf import OmegaConf
+
+    from fuselab.train.config import make_config
+    from fuselab.train.run import build_data
+
+    if cfg is None:
+        if not (run_dir / "config.yaml").is_file():
+            return None
+        cfg = make_config(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True))
+    elif not hasattr(cfg, "_get_node"):
+        cfg = make_config(dict(cfg))
+    key = json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True) + f"|{cfg.seed}"
+    data = None
+    if data_cache is not None:
+        data = data_cache.get(key)
+        if data is None:
+            data = data_cache[key] = build_data(cfg)
+    flops = flops_per_sample(cfg, data)
+    try:
+        tmp = cache.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"flops_per_sample": flops, "counter": "torch.utils.flop_counter", "mode": "eval"}))
+        tmp.replace(cache)
+    except OSError:  # a read-only store still gets its plot
+        pass
+    return flops
+
+
+def method_flops(frame: pd.DataFrame, *, compute: bool = True) -> dict[str, float]:
+    """Median FLOPs per sample per method over its finished runs (methods without a count are left out)."""
+    out: dict[str, float] = {}
+    data_cache: dict[str, Any] = {}
+    for method, rows in frame.groupby("method", sort=False):
+        values = []
+        for path in rows["path"]:
+            # every seed of a method has the same model; count once, cache in each run folder
+            value = cached_flops(path, compute=compute and not values, data_cache=data_cache)
+            if value is None and values:
+                value = values[0]
+                try:
+                    Path(path, "flops.json").write_text(json.dumps({"flops_per_sample": value, "counter": "torch.utils.flop_counter", "mode": "eval"}))
+                except OSError:
+                    pass
+            if value is not None:
+                values.append(value)
+        if values:
+            out[str(method)] = float(np.median(values))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# plots
+# ----------------------------------------------------------------------------------------------
+
+
+def _style_for(i: int) -> dict[str, Any]:
+    return {"color": PALETTE[i % len(PALETTE)], "marker": MARKERS[(i // len(PALETTE)) % len(MARKERS)]}
+
+
+def _human(value: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.3g}"
+
+
+def _label_points(ax: plt.Axes, points: list[tuple[float, float, str]], gap: float = 7.0) -> None:
+    """Label points to their right; labels of points in one column are spread apart vertically (``gap`` pt)."""
+    fig = ax.figure
+    ax.get_xlim(), ax.get_ylim()  # settles the autoscaled limits the transform below depends on
+    to_px = ax.transData.transform
+    pt = fig.dpi / 72.0
+    placed = sorted(((*to_px((x, y)), x, y, label) for x, y, label in points), key=lambda p: (p[0], p[1]))
+    columns: list[list[tuple]] = []
+    for p in placed:  # points within 30 pt horizontally share a column of labels
+        if columns and abs(p[0] - columns[-1][0][0]) < 30 * pt:
+            columns[-1].append(p)
+        else:
+            columns.append([p])
+    for column in columns:
+        column.sort(key=lambda p: p[1])
+        ys = [p[1] for p in column]
+        for i in range(1, len(ys)):  # push up until labels are gap apart, then centre on the points
+            ys[i] = max(ys[i], ys[i - 1] + gap * pt)
+        shift = (np.mean([p[1] for p in column]) - np.mean(ys))
+        for (px, py, x, y, label), ly in zip(column, ys):
+            dy = (ly + shift - py) / pt
+            ax.annotate(label, (x, y), xytext=(5, dy), textcoords="offset points", fontsize=6, va="center",
+                        arrowprops={"arrowstyle": "-", "linewidth": 0.3, "color": "0.5"} if abs(dy) > 3 else None)
+
+
+def plot_accuracy_vs_cost(summary: pd.DataFrame, cost: Mapping[str, float], stem: str | Path, *,
+                          kind: str = "params", metric: str = "accuracy", lang: str = "en",
+                          formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+    """Mean test accuracy (error bar: std over seeds) of each method against its cost, one labelled point each."""
+    baseline = summary.attrs.get("baseline", summary["method"].iloc[0])
+    rows = [r for r in summary.itertuples(index=False) if not math.isnan(cost.get(r.method, math.nan))]
+    with paper_style(lang):
+        fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.5))
+        xs = np.array([cost[r.method] for r in rows])
+        for i, r in enumerate(rows):
+            mean, std = getattr(r, f"{metric}_mean") * 100, getattr(r, f"{metric}_std") * 100
+            style = _style_for(i)
+            is_base = r.method == baseline
+            ax.errorbar(cost[r.method], mean, yerr=0 if math.isnan(std) else std, fmt="*" if is_base else style["marker"],
+                        color="black" if is_base else style["color"], markersize=7 if is_base else 4,
+                        elinewidth=0.8, zorder=4 if is_base else 3)
+        if len(xs) and xs.min() > 0 and xs.max() / xs.min() > 20:
+            ax.set_xscale("log")
+        _label_points(ax, [(cost[r.method], getattr(r, f"{metric}_mean") * 100, str(r.method)) for r in rows])
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: _human(v)))
+        ax.set_xlabel(_axis(kind, lang))
+        ax.set_ylabel(_axis("accuracy", lang))
+        fig.tight_layout()
+        return save_figure(fig, stem, formats)
+
+
+def _histories(frame: pd.DataFrame) -> dict[str, list[pd.DataFrame]]:
+    out: dict[str, list[pd.DataFrame]] = {}
+    for method, path in zip(frame["method"], frame["path"]):
+        file = Path(path) / "history.csv"
+        if file.is_file():
+            out.setdefault(str(method), []).append(pd.read_csv(file))
+    return out
+
+
+def plot_training_curves(frame: pd.DataFrame, stem: str | Path, *, order: Sequence[str] | None = None,
+                         lang: str = "en", formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+    """Training loss and validation accuracy per epoch, mean over seeds with a +- std band, per method."""
+    histories = _histories(frame)
+    methods = [m for m in (order or histories) if m in histories]
+    with paper_style(lang):
+        fig, axes = plt.subplots(1, 2, figsize=(TEXT_WIDTH, 2.4))
+        for i, method in enumerate(methods):
+            runs = pd.concat(histories[method])
+            style = _style_for(i)
+            for ax, column, scale in ((axes[0], "train_loss", 1.0), (axes[1], "val_accuracy", 100.0)):
+                if column not in runs:
+                    continue
+                stats = runs.groupby("epoch")[column].agg(["mean", "std"]).fillna(0.0) * scale
+                x = stats.index.to_numpy() + 1
+                ax.plot(x, stats["mean"], color=style["color"], linestyle="-" if i < len(PALETTE) else "--",
+                        label=method if ax is axes[0] else None)
+                ax.fill_between(x, stats["mean"] - stats["std"], stats["mean"] + stats["std"], color=style["color"],
+                                alpha=0.12, linewidth=0)
+        axes[0].set_ylabel(_axis("train_loss", lang))
+        axes[1].set_ylabel(_axis("val_accuracy", lang))
+        if "val_accuracy" in (pd.concat([h for hs in histories.values() for h in hs]) if histories else pd.DataFrame()):
+            lows = [np.nanpercentile(pd.concat(histories[m])["val_accuracy"] * 100, 10) for m in methods]
+            highs = [np.nanmax(pd.concat(histories[m])["val_accuracy"] * 100) for m in methods]
+            if lows:  # the early epochs of a slow starter must not squash the curves where they differ
+                axes[1].set_ylim(max(0.0, min(lows) - 2), min(100.0, max(highs) + 0.5))
+        for ax in axes:
+            ax.set_xlabel(_axis("epoch", lang))
+        if methods:
+            fig.legend(loc="lower center", ncol=min(len(methods), 7), bbox_to_anchor=(0.5, -0.02))
+            fig.tight_layout(rect=(0, 0.06 * math.ceil(len(methods) / 7) + 0.02, 1, 1))
+        return save_figure(fig, stem, formats)
+
+
+def robustness_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows (method, seed, corruption, level, accuracy) from the runs' ``robustness.csv`` files, if any."""
+    parts = []
+    for method, seed, path in zip(frame["method"], frame["seed"], frame["path"]):
+        file = Path(path) / "robustness.csv"
+        if file.is_file():
+            table = pd.read_csv(file)
+            if {"corruption", "accuracy"} <= set(table.columns):
+                level = "level" if "level" in table else "severity" if "severity" in table else None
+                if level is None:
+                    continue
+                parts.append(table.rename(columns={level: "level"}).assign(method=method, seed=seed))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def plot_robustness(robust: pd.DataFrame, stem: str | Path, *, order: Sequence[str] | None = None,
+                    lang: str = "en", formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+    """Test accuracy against corruption level, one panel per corruption, mean over seeds per method."""
+    corruptions = list(dict.fromkeys(robust["corruption"]))
+    methods = [m for m in (order or dict.fromkeys(robust["method"])) if m in set(robust["method"])]
+    with paper_style(lang):
+        n = len(corruptions)
+        fig, axes = plt.subplots(1, n, figsize=(min(TEXT_WIDTH, COLUMN_WIDTH * n * 0.75), 2.3), squeeze=False)
+        for ax, corruption in zip(axes[0], corruptions):
+            part = robust[robust["corruption"] == corruption]
+            for i, method in enumerate(methods):
+                stats = part[part["method"] == method].groupby("level")["accuracy"].agg(["mean", "std"]).fillna(0) * 100
+                if stats.empty:
+                    continue
+                style = _style_for(i)
+                ax.errorbar(stats.index, stats["mean"], yerr=stats["std"], color=style["color"], marker=style["marker"],
+                            label=method if ax is axes[0][0] else None, elinewidth=0.6)
+            ax.set_title(str(corruption))
+            ax.set_xlabel(_axis("level", lang))
+        axes[0][0].set_ylabel(_axis("accuracy", lang))
+        fig.legend(loc="lower center", ncol=min(len(methods), 7), bbox_to_anchor=(0.5, -0.02))
+        fig.tight_layout(rect=(0, 0.06 * math.ceil(len(methods) / 7) + 0.02, 1, 1))
+        return save_figure(fig, stem, formats)
+
+
+def ablation_axes(grid: Mapping[str, Sequence[Any]]) -> tuple[str, str, list[str]] | None:
+    """The two grid keys a heat map shows (rows, columns) and the keys that split it into panels."""
+    varied = [k for k, v in grid.items() if len(v) > 1]
+    if len(varied) < 2:
+        return None
+    # the key with most values gives the rows (a tall map reads well in one column)
+    rows = max(varied, key=lambda k: len(grid[k]))
+    cols = next(k for k in varied if k != rows)
+    return rows, cols, [k for k in varied if k not in (rows, cols)]
+
+
+def _short(key: str) -> str:
+    """``model.dropout`` -> ``dropout``, ``fusion.name`` -> ``fusion``."""
+    parts = key.split(".")
+    return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
+
+
+def plot_ablation_heatmaps(summary: pd.DataFrame, overrides: Mapping[str, Mapping[str, Any]],
+                           grid: Mapping[str, Sequence[Any]], stem: str | Path, *, metric: str = "accuracy",
+                           lang: str = "en", formats: Sequence[str] = ("png", "pdf")) -> list[Path] | None:
+    """Heat map of the mean metric over two grid keys (one panel per value of the other varied keys).
+
+    ``overrides`` maps method names to their dotted overrides; ``grid`` is the spec's grid.
+    Returns None when the grid varies fewer than two keys.
+    """
+    picked = ablation_axes(grid)
+    if picked is None:
+        return None
+    row_key, col_key, facet_keys = picked
+    means = {r.method: getattr(r, f"{metric}_mean") * 100 for r in summary.itertuples(index=False)}
+    stds = {r.method: getattr(r, f"{metric}_std") * 100 for r in summary.itertuples(index=False)}
+    facets = list(pd.MultiIndex.from_product([grid[k] for k in facet_keys]) if facet_keys else [()])
+    if len(facets) > 6:
+        facets = facets[:6]
+    row_vals, col_vals = list(grid[row_key]), list(grid[col_key])
+    values = np.full((len(facets), len(row_vals), len(col_vals)), np.nan)
+    errors = np.full_like(values, np.nan)
+    for method, over in overrides.items():
+        if method not in means or row_key not in over or col_key not in over:
+            continue
+        facet = tuple(over.get(k) for k in facet_keys)
+        if facet not in [tuple(f) if isinstance(f, tuple) else (f,) for f in facets] and facet_keys:
+            continue
+        fi = [tuple(f) if isinstance(f, tuple) else (f,) for f in facets].index(facet) if facet_keys else 0
+        ri, ci = row_vals.index(over[row_key]), col_vals.index(over[col_key])
+        values[fi, ri, ci], errors[fi, ri, ci] = means[method], stds[method]
+    if np.all(np.isnan(values)):
+        return None
+    vmin, vmax = np.nanmin(values), np.nanmax(values)
+    with paper_style(lang):
+        n = len(facets)
+        width = min(TEXT_WIDTH, max(COLUMN_WIDTH, 0.55 * len(col_vals) * n + 1.6))
+        fig, axes = plt.subplots(1, n, figsize=(width, 0.28 * len(row_vals) + 1.0), squeeze=False, sharey=True)
+        image = None
+        for fi, ax in enumerate(axes[0]):
+            image = ax.imshow(values[fi], cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
+            ax.grid(False)
+            ax.set_xticks(range(len(col_vals)), [str(v) for v in col_vals])
+            ax.set_yticks(range(len(row_vals)), [str(v) for v in row_vals])
+            ax.set_xlabel(_short(col_key))
+            if fi == 0:
+                ax.set_ylabel(_short(row_key))
+            if facet_keys:
+                facet = facets[fi] if isinstance(facets[fi], tuple) else (facets[fi],)
+                ax.set_title(", ".join(f"{_short(k)}={v}" for k, v in zip(facet_keys, facet)))
+            mid = (vmin + vmax) / 2
+            for ri in range(len(row_vals)):
+                for ci in range(len(col_vals)):
+                    v = values[fi, ri, ci]
+                    if not np.isnan(v):
+                        ax.text(ci, ri, f"{v:.1f}", ha="center", va="center", fontsize=6,
+                                color="white" if v < mid else "black")
+        bar = fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9, pad=0.02)
+        bar.set_label(_axis("accuracy", lang))
+        return save_figure(fig, stem, formats)
+
+
+# ----------------------------------------------------------------------------------------------
+# all plots of an experiment
+# ----------------------------------------------------------------------------------------------
+
+
+def spec_methods(spec: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, list[Any]]]:
+    """Method name -> dotted overrides, and the grid, of a stored spec (empty when it no longer parses)."""
+    from fuselab.experiments.spec import parse_spec
+
+    try:
+        parsed = parse_spec(dict(spec))
+    except Exception:  # noqa: BLE001 - an old spec still gets the plots that need no grid
+        return {}, {}
+    return {m.name: dict(m.overrides) for m in parsed.methods}, dict(spec.get("grid") or {})
+
+
+def write_plots(frame: pd.DataFrame, summary: pd.DataFrame, spec: Mapping[str, Any], out: str | Path, *,
+                lang: str = "en", flops: bool | str = True,
+                formats: Sequence[str] = ("png", "pdf")) -> dict[str, dict[str, Any]]:
+    """Every plot that the experiment's results support, in ``out``.
+
+    Args:
+        frame: finished runs (``comparison_frame``).
+        summary: the ``summarize`` result.
+        spec: the spec as stored.
+        out: folder to write into.
+        lang: language of captions (and of text in the images where a Chinese font is installed).
+        flops: True counts FLOPs where not cached, ``"cached"`` uses only cached counts, False skips them.
+        formats: file formats of every plot (PNG for Markdown and HTML, PDF for LaTeX; PDF embeds
+            TrueType fonts, which takes about a second per plot).
+
+    Returns:
+        name -> {"files": [paths], "caption": text} for each plot written.
+    """
+    out = Path(out)
+    img_lang = plot_lang(lang)
+    order = list(summary["method"])
+    plots: dict[str, dict[str, Any]] = {}
+    params = {r.method: float(r.params) for r in summary.itertuples(index=False) if not math.isnan(r.params)}
+    if params:
+        plots["accuracy_vs_params"] = {
+            "files": plot_accuracy_vs_cost(summary, params, out / "accuracy_vs_params", kind="params", lang=img_lang, formats=formats),
+            "caption": text("cap_params", lang)}
+    if flops:
+        costs = method_flops(frame, compute=flops is True)
+        if costs:
+            plots["accuracy_vs_flops"] = {
+                "files": plot_accuracy_vs_cost(summary, costs, out / "accuracy_vs_flops", kind="flops", lang=img_lang, formats=formats),
+                "caption": text("cap_flops", lang)}
+    if any((Path(p) / "history.csv").is_file() for p in frame["path"]):
+        plots["training_curves"] = {"files": plot_training_curves(frame, out / "training_curves", order=order, lang=img_lang, formats=formats),
+                                    "caption": text("cap_curves", lang)}
+    robust = robustness_frame(frame)
+    if not robust.empty:
+        plots["robustness"] = {"files": plot_robustness(robust, out / "robustness", order=order, lang=img_lang, formats=formats),
+                               "caption": text("cap_robustness", lang)}
+    overrides, grid = spec_methods(spec)
+    files = plot_ablation_heatmaps(summary, overrides, grid, out / "ablation_heatmap", lang=img_lang, formats=formats) if grid else None
+    if files:
+        rows, cols, _ = ablation_axes(grid)
+        plots["ablation_heatmap"] = {"files": files, "caption": text("cap_heatmap", lang, rows=rows, cols=cols)}
+    return plots
