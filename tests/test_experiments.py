@@ -20,9 +20,9 @@ from fuselab.train.config import ConfigError, make_config
 TINY = {
     "name": "tiny",
     "base": {
-        "data": {"name": "mfeat", "views": ["fou", "zer"]},
-        "model": {"name": "mlp-streams", "hidden": 16},
-        "train": {"epochs": 2, "batch_size": 128},
+        "data": {"name": "mfeat", "views": ["fou", "kar"]},
+        "model": {"name": "mlp-streams", "hidden": 32},
+        "train": {"epochs": 3, "batch_size": 64, "lr": 5.0e-3},
     },
     "grid": {"fusion.name": ["concat", "sum"]},
     "variants": [{"name": "lmf-r2", "fusion": {"name": "lmf", "rank": 2}}],
@@ -44,7 +44,7 @@ def test_spec_expands_grid_and_variants_and_resolves_the_baseline():
     assert spec.baseline == "concat"
     plan = spec.plan()
     assert len(plan) == 6 and len({r.run_id for r in plan}) == 6
-    assert plan[0].config.fusion.name == "concat" and plan[0].config.data.views == ["fou", "zer"]
+    assert plan[0].config.fusion.name == "concat" and plan[0].config.data.views == ["fou", "kar"]
 
 
 def test_run_id_ignores_execution_details_but_not_the_seed():
@@ -60,18 +60,26 @@ def test_shipped_default_spec_plans_fourteen_operators_on_three_seeds():
     assert {m.name for m in spec.methods} == set(fuselab.list_fusions("*")) & {m.name for m in spec.methods}
 
 
-def test_sweep_resumes_without_training_twice(tmp_path):
-    spec, store = _spec(), Store(tmp_path / "store")
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """The TINY experiment, swept in two halves as an interrupted sweep and its re-run would."""
+    root = tmp_path_factory.mktemp("finished") / "store"
+    spec, store = _spec(), Store(root)
     plan = prepare(spec, store)
     first = execute_plan(plan[:3], store, jobs=1)  # an interrupted sweep: half the runs
-    assert [o.status for o in first] == ["done"] * 3
     second = execute_plan(plan, store, jobs=1)
+    return spec, store, plan, first, second
+
+
+def test_sweep_resumes_without_training_twice(finished):
+    spec, store, plan, first, second = finished
+    assert [o.status for o in first] == ["done"] * 3
     assert sorted(o.status for o in second) == ["cached"] * 3 + ["done"] * 3
     third = execute_plan(plan, store, jobs=1)
     assert [o.status for o in third] == ["cached"] * 6
     runs = store.experiment_runs("tiny")
     assert all(r["status"] == "done" and r["attempts"] == 1 for r in runs)
-    assert sorted(p.name for p in (tmp_path / "store" / "runs").iterdir()) == sorted(r.run_id for r in plan)
+    assert sorted(p.name for p in (store.root / "runs").iterdir()) == sorted(r.run_id for r in plan)
 
 
 def test_a_run_killed_mid_training_is_taken_over_and_a_live_claim_is_respected(tmp_path):
@@ -108,26 +116,25 @@ def test_failed_runs_are_recorded_and_retried(tmp_path, monkeypatch):
     outcomes = {o.method: o for o in execute_plan(plan, store, jobs=1)}
     assert outcomes["sum"].status == "failed" and "out of memory" in outcomes["sum"].error
     assert outcomes["concat"].status == "done"
-    assert not any(p.name.startswith(".tmp") for p in (tmp_path / "store" / "runs").iterdir())
+    assert not any(p.name.startswith(".partial") for p in (tmp_path / "store" / "runs").iterdir())
     monkeypatch.setattr(run_module, "execute", real)
     retry = {o.method: o.status for o in execute_plan(plan, store, jobs=1)}
     assert retry == {"concat": "cached", "sum": "done", "lmf-r2": "cached"}
 
 
-def test_load_results_and_report_files(tmp_path):
-    spec, store = _spec(), Store(tmp_path / "store")
-    execute_plan(prepare(spec, store), store, jobs=1)
-    frame = fuselab.load_results(tmp_path / "store", "tiny")
+def test_load_results_and_report_files(finished):
+    store = finished[1]
+    frame = fuselab.load_results(store.root, "tiny")
     assert len(frame) == 6 and set(frame["method"]) == {"concat", "sum", "lmf-r2"}
-    assert frame["status"].eq("done").all() and frame["test_accuracy"].between(0.3, 1.0).all()
+    assert frame["status"].eq("done").all() and frame["test_accuracy"].between(0.85, 1.0).all()
     assert (frame["params"] > 0).all() and set(frame["seed"]) == {0, 1}
     from fuselab.report.experiment import build_report
 
-    report = build_report(tmp_path / "store", "tiny")
+    report = build_report(store.root, "tiny")
     assert list(report.summary["method"]) == ["concat", "sum", "lmf-r2"]
     assert report.summary.loc[0, "accuracy_mean"] == pytest.approx(frame[frame.method == "concat"]["test_accuracy"].mean())
-    for path in report.files.values():
-        assert path.is_file() and path.parent == tmp_path / "store" / "tiny" / "report"
+    for kind in ("markdown", "latex", "csv"):
+        assert report.files[kind].is_file() and report.files[kind].parent == store.root / "tiny" / "report"
     assert "\\toprule" in report.files["latex"].read_text()
 
 
@@ -165,7 +172,7 @@ def test_bad_spec_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, chang
 
 def test_unknown_spec_name_and_invalid_yaml(tmp_path, capsys):
     code, _, err = _cli(capsys, "compare", "mfeat-compar", "--store", str(tmp_path / "s"))
-    assert code == 2 and "unknown spec 'mfeat-compar'; did you mean 'mfeat-compare'?" in err
+    assert code == 2 and "unknown spec 'mfeat-compar'; did you mean 'mfeat-compare'" in err
     code, _, err = _cli(capsys, "compare", _write(tmp_path, "name: x\nbase: {data: [\n"), "--store", str(tmp_path / "s"))
     assert code == 2 and "is not valid YAML" in err
     assert not (tmp_path / "s").exists()
@@ -203,5 +210,27 @@ def test_compare_cli_in_two_processes_then_cached(tmp_path):
     assert "2 trained" in first.stdout and "(baseline)" in first.stdout
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and "0 trained, 2 already in the store" in second.stdout
-    table = lambda out: out[out.index("tiny:"):out.index("tables:")]  # noqa: E731
+    table = lambda out: out[out.index("tiny: test accuracy"):out.index("tables:")]  # noqa: E731
     assert table(first.stdout) == table(second.stdout)
+
+
+def test_runs_list_delete_retry(tmp_path, capsys, finished):
+    import shutil
+
+    shutil.copytree(finished[1].root, tmp_path / "store")
+    store = Store(tmp_path / "store")
+    plan = [r for r in finished[2] if r.seed == 0]
+    store.register_experiment("tiny", {}, "concat", "accuracy",
+                              [(r.run_id, r.method, r.seed, {}) for r in plan])
+    code, out, _ = _cli(capsys, "runs", "list", "--store", str(tmp_path / "store"), "--experiment", "tiny")
+    assert code == 0 and all(r.run_id in out for r in plan) and "tiny: lmf-r2 / 0" in out
+    target = plan[1].run_id
+    code, out, _ = _cli(capsys, "runs", "retry", "--store", str(tmp_path / "store"), "--status", "done",
+                        "--id", target[:6], "--yes")
+    assert code == 0 and "1 runs reset" in out
+    assert store.status(target) == "pending" and not store.run_dir(target).exists()
+    assert sorted(o.status for o in execute_plan(plan, store, jobs=1)) == ["cached", "cached", "done"]
+    code, out, _ = _cli(capsys, "runs", "delete", "--store", str(tmp_path / "store"), "--id", target, "--yes")
+    assert code == 0 and store.status(target) is None and not store.run_dir(target).exists()
+    code, _, err = _cli(capsys, "runs", "list", "--store", str(tmp_path / "store"), "--status", "finished")
+    assert code == 2 and "--status must be pending, running, done or failed" in err

@@ -60,3 +60,25 @@ def test_warmup_then_cosine():
     f = warmup_cosine(100, 0.1)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
+
+
+def test_an_interrupted_run_resumes_to_the_same_result(tmp_path):
+    cfg = make_config(None, [*SMALL, "fusion.name=gated", "train.epochs=5", "train.checkpoint_every=0"])
+    uninterrupted = execute(cfg)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_epoch_3(epoch, row):
+        if epoch == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        execute(cfg, tmp_path, on_epoch=kill_at_epoch_3, resumable=True)
+    assert (tmp_path / "resume.pt").is_file()
+    epochs_seen = []
+    resumed = execute(cfg, tmp_path, on_epoch=lambda e, r: epochs_seen.append(e), resumable=True)
+    assert epochs_seen == [3, 4]  # epochs 0-2 came from the saved state
+    assert resumed.history == uninterrupted.history
+    assert resumed.metrics["test_accuracy"] == uninterrupted.metrics["test_accuracy"]
+    assert not (tmp_path / "resume.pt").exists()

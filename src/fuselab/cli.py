@@ -176,23 +176,158 @@ def _print_plan(sp, st, jobs: int) -> None:
                   f"rough estimate {seconds / 60:.1f} min (at most; early stopping shortens runs)")
 
 
-def _print_report(store: Path, experiment: str) -> None:
+def _print_report(store: Path, experiment: str, **options) -> None:
+    """Write the report (after a sweep: PNG plots, SVG figure and HTML only, FLOPs from cache: fast)."""
     from fuselab.report.experiment import build_report
 
-    report = build_report(store, experiment)
+    options = {"pdf": False, "flops": "cached", **options}
+    report = build_report(store, experiment, **options)
     console.print(report.markdown, markup=False, highlight=False)
     if report.failed:
         console.print(f"[red]{report.failed} runs failed[/]; `fuselab compare` again retries them")
-    console.print(f"tables: {', '.join(str(p) for p in report.files.values())}")
+    tables = ("markdown", "latex", "csv")
+    console.print(f"tables: {', '.join(str(report.files[k]) for k in tables)}")
+    extra = [k for k in report.files if k not in tables]
+    if extra:
+        plots = sum(k.startswith("plot:") for k in extra)
+        html = report.files.get("html")
+        console.print(f"report: {report.files['report'].parent}/ ({plots} plots"
+                      f"{', network figure' if 'figure' in report.files else ''}){f', {html}' if html else ''}")
 
 
 @app.command("report")
 def report_cmd(
     experiment: str = typer.Argument(..., help="experiment name (the spec's name)"),
     store: Path = typer.Option(DEFAULT_STORE, "--store", "-s", help="result store folder"),
+    html: bool = typer.Option(True, "--html/--no-html", help="write the self-contained report.html"),
+    lang: str = typer.Option("en", "--lang", help="language of headings and captions: en | zh"),
+    flops: bool = typer.Option(True, "--flops/--no-flops", help="count FLOPs per sample (cached in each run folder)"),
 ) -> None:
-    """Print and write the comparison table of an experiment from the store."""
-    _print_report(store, experiment)
+    """Write the tables (Markdown, LaTeX, CSV), plots (PNG, PDF), network figure (SVG, PDF) and HTML report."""
+    from fuselab.report.i18n import check_lang
+
+    _print_report(store, experiment, html=html, lang=check_lang(lang), pdf=True, flops=flops)
+
+
+@app.command("figure")
+def figure_cmd(
+    config: Optional[Path] = typer.Argument(None, help="a YAML run config (defaults apply without one)"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides, e.g. model.fuse_at=0 fusion.name=lmf"),
+    out: Path = typer.Option(Path("network"), "--out", "-o", help="output path without suffix; .svg and .pdf are written"),
+) -> None:
+    """Draw the model a run config describes as a block diagram (SVG and PDF)."""
+    from fuselab.report.figure import draw_config
+    from fuselab.train.config import make_config, read_yaml
+
+    items = list(overrides or [])
+    if config is not None and "=" in str(config) and not config.exists():
+        items.insert(0, str(config))
+        config = None
+    cfg = make_config(read_yaml(config) if config else None, items)
+    stem = out.with_suffix("") if out.suffix in (".svg", ".pdf") else out
+    paths = draw_config(cfg, stem)
+    console.print(f"figure: {', '.join(str(p) for p in paths)}")
+
+
+@app.command("journal")
+def journal_cmd(
+    since: str = typer.Option("7d", "--since", help="period: a duration (7d, 36h, 2w) or a start date (2026-11-20)"),
+    lang: str = typer.Option("en", "--lang", help="language: en | zh"),
+    store: Path = typer.Option(DEFAULT_STORE, "--store", "-s", help="result store folder"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Markdown file to write (default: <store>/journal/<date>.<lang>.md)"),
+) -> None:
+    """The weekly journal: per experiment, what was tried in the period and how it compared with the baseline."""
+    import datetime
+
+    from fuselab.report.i18n import check_lang
+    from fuselab.report.journal import build_journal
+
+    markdown = build_journal(store, since=since, lang=check_lang(lang))
+    path = out or store / "journal" / f"{datetime.date.today().isoformat()}.{lang}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(markdown, encoding="utf-8")
+    console.print(markdown, markup=False, highlight=False)
+    console.print(f"journal: {path}")
+
+
+runs_app = typer.Typer(help="List, delete or retry runs in a store.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+
+_RUN_FILTERS = {
+    "experiment": typer.Option(None, "--experiment", "-e", help="only runs of this experiment"),
+    "status": typer.Option(None, "--status", help="pending | running | done | failed"),
+    "prefix": typer.Option(None, "--id", help="run id prefix"),
+}
+
+
+def _select(store: Path, experiment, status, prefix):
+    from fuselab.experiments.store import Store
+    from fuselab.train.config import ConfigError
+
+    if status is not None and status not in ("pending", "running", "done", "failed"):
+        raise ConfigError(f"--status must be pending, running, done or failed, got '{status}'")
+    st = Store(store)
+    return st, st.select_runs(experiment=experiment, status=status, prefix=prefix)
+
+
+@runs_app.command("list")
+def runs_list(
+    store: Path = typer.Option(DEFAULT_STORE, "--store", "-s"),
+    experiment: Optional[str] = _RUN_FILTERS["experiment"],
+    status: Optional[str] = _RUN_FILTERS["status"],
+    prefix: Optional[str] = _RUN_FILTERS["prefix"],
+) -> None:
+    """List runs with their status, experiments and test accuracy."""
+    _, runs = _select(store, experiment, status, prefix)
+    table = Table(title=f"{len(runs)} runs in {store}")
+    for col in ("id", "status", "attempts", "experiment: method / seed", "test acc", "error"):
+        table.add_column(col)
+    for r in runs:
+        members = ", ".join(f"{e}: {m} / {s}" for e, m, s in r["members"])
+        acc = f"{r['metrics']['test_accuracy'] * 100:.2f}" if r["metrics"] and "test_accuracy" in r["metrics"] else ""
+        table.add_row(r["run_id"], r["status"], str(r["attempts"]), members, acc, r["error"] or "")
+    console.print(table)
+
+
+def _change_runs(action: str, store: Path, experiment, status, prefix, yes: bool) -> None:
+    st, runs = _select(store, experiment, status, prefix)
+    busy = [r for r in runs if st.busy(r)]
+    runs = [r for r in runs if not st.busy(r)]
+    if busy:
+        console.print(f"{len(busy)} runs are being trained by a live process and are left alone")
+    if not runs:
+        console.print("no runs match")
+        return
+    if not yes:
+        typer.confirm(f"{action} {len(runs)} runs?", abort=True)
+    ids = [r["run_id"] for r in runs]
+    (st.delete_runs if action == "delete" else st.reset_runs)(ids)
+    what = "deleted" if action == "delete" else "reset to pending (the next `fuselab compare` trains them)"
+    console.print(f"{len(ids)} runs {what}")
+
+
+@runs_app.command("delete")
+def runs_delete(
+    store: Path = typer.Option(DEFAULT_STORE, "--store", "-s"),
+    experiment: Optional[str] = _RUN_FILTERS["experiment"],
+    status: Optional[str] = _RUN_FILTERS["status"],
+    prefix: Optional[str] = _RUN_FILTERS["prefix"],
+    yes: bool = typer.Option(False, "--yes", "-y", help="do not ask"),
+) -> None:
+    """Delete runs (rows and folders) from a store."""
+    _change_runs("delete", store, experiment, status, prefix, yes)
+
+
+@runs_app.command("retry")
+def runs_retry(
+    store: Path = typer.Option(DEFAULT_STORE, "--store", "-s"),
+    experiment: Optional[str] = _RUN_FILTERS["experiment"],
+    status: Optional[str] = typer.Option("failed", "--status", help="which runs to retry (default: failed)"),
+    prefix: Optional[str] = _RUN_FILTERS["prefix"],
+    yes: bool = typer.Option(False, "--yes", "-y", help="do not ask"),
+) -> None:
+    """Reset runs to pending so that the next `fuselab compare` trains them again."""
+    _change_runs("retry", store, experiment, status, prefix, yes)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -59,14 +59,14 @@ def train_one(store_root: str, run_id: str, method: str, seed: int, config: dict
             last_beat[0] = time.monotonic()
 
     try:
-        result = execute(cfg, staging, on_epoch=beat)
+        result = execute(cfg, staging, on_epoch=beat, resumable=True)
         store.publish(run_id, staging)
         store.finish(run_id, result.metrics)
         return Outcome(run_id, method, seed, "done", metrics=result.metrics)
     except Exception as exc:  # noqa: BLE001 - a failing run is recorded and the sweep goes on
         message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         store.fail(run_id, message + "\n" + traceback.format_exc())
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # a retry starts afresh
         return Outcome(run_id, method, seed, "failed", error=message)
 
 

@@ -22,7 +22,9 @@ from fuselab.train.config import ConfigError, make_config, read_yaml
 SPEC_KEYS = ("name", "description", "base", "grid", "variants", "seeds", "baseline", "metric")
 METRICS = ("accuracy", "macro_f1")
 # execution details: they change how a run executes, not what it computes, so they are not in its id
-EXECUTION_KEYS = ("train.threads", "train.tensorboard", "train.checkpoint", "train.eval_batch_size")
+EXECUTION_KEYS = (
+    "train.threads", "train.tensorboard", "train.checkpoint", "train.eval_batch_size", "train.checkpoint_every",
+)
 
 
 @dataclasses.dataclass
@@ -74,6 +76,8 @@ def _dot_value(value: Any) -> str:
 def run_id(cfg: DictConfig) -> str:
     """Hash of the resolved config, seed included, execution details excluded."""
     container = OmegaConf.to_container(cfg, resolve=True)
+    for section in [k for k, v in container.items() if v == {}]:
+        del container[section]  # an unused optional section (exchange) must not change the ids of old runs
     for key in EXECUTION_KEYS:
         section, leaf = key.split(".")
         container.get(section, {}).pop(leaf, None)
@@ -143,13 +147,16 @@ def parse_spec(raw: dict[str, Any], *, default_name: str = "experiment") -> Spec
         seeds = list(range(seeds))
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise ConfigError("spec key 'seeds' must be a non-empty list of integers (or a count)")
+    for method in methods:  # every grid key and override must be a config key, before anything else
+        try:
+            make_config(base, [f"{k}={_dot_value(v)}" for k, v in method.overrides.items()])
+        except ConfigError as exc:
+            raise ConfigError(f"spec '{name}', method '{method.name}': {exc}") from None
     metric = str(raw.get("metric", "accuracy"))
     if metric not in METRICS:
         raise ConfigError(f"spec key 'metric' must be one of {', '.join(METRICS)}, got '{metric}'")
     baseline = _resolve_baseline(raw.get("baseline"), methods, name)
-    # check every grid key and override against the config schema now, on seed 0's config
-    spec = Spec(name, base, methods, list(seeds), baseline, metric, str(raw.get("description", "")), raw)
-    return spec
+    return Spec(name, base, methods, list(seeds), baseline, metric, str(raw.get("description", "")), raw)
 
 
 def _resolve_baseline(baseline: Any, methods: list[Method], spec_name: str) -> str:

@@ -232,13 +232,76 @@ class Store:
         with self.transaction() as conn:
             conn.execute("UPDATE runs SET status='failed', error=?, finished=? WHERE id=?", (error, time.time(), run_id))
 
+    # -- maintenance --------------------------------------------------------------------------------
+
+    def select_runs(self, *, experiment: str | None = None, status: str | None = None,
+                    prefix: str | None = None) -> list[dict[str, Any]]:
+        """Runs filtered by experiment, status and id prefix, with their experiment memberships."""
+        if not self.exists():
+            raise ConfigError(f"no store at '{self.root}'; run `fuselab compare` first or pass --store")
+        if experiment is not None:
+            self.experiment(experiment)  # a clear error for an unknown experiment
+        query = ("SELECT r.id, r.status, r.owner, r.attempts, r.error, r.metrics, r.finished, "
+                 "group_concat(e.experiment || ':' || e.method || ':' || e.seed, ';') "
+                 "FROM runs r LEFT JOIN experiment_runs e ON e.run_id = r.id WHERE 1=1")
+        args: list[Any] = []
+        if status is not None:
+            query += " AND r.status = ?"
+            args.append(status)
+        if prefix is not None:
+            query += " AND r.id LIKE ?"
+            args.append(prefix + "%")
+        if experiment is not None:
+            query += " AND r.id IN (SELECT run_id FROM experiment_runs WHERE experiment = ?)"
+            args.append(experiment)
+        query += " GROUP BY r.id ORDER BY r.created, r.id"
+        with self.connect() as conn:
+            rows = conn.execute(query, args).fetchall()
+        out = []
+        for rid, st, owner, attempts, error, metrics, finished, members in rows:
+            out.append({"run_id": rid, "status": st, "owner": owner, "attempts": attempts,
+                        "error": (error or "").splitlines()[0] if error else None,
+                        "metrics": json.loads(metrics) if metrics else None, "finished": finished,
+                        "members": [m.split(":") for m in members.split(";")] if members else []})
+        return out
+
+    def busy(self, run: dict[str, Any]) -> bool:
+        """Is a run being trained right now by a live process?"""
+        return run["status"] == "running" and _alive(run["owner"])
+
+    def delete_runs(self, run_ids: list[str]) -> None:
+        """Remove runs from the store: rows, experiment memberships and folders."""
+        import shutil
+
+        with self.transaction() as conn:
+            for rid in run_ids:
+                conn.execute("DELETE FROM experiment_runs WHERE run_id=?", (rid,))
+                conn.execute("DELETE FROM runs WHERE id=?", (rid,))
+        for rid in run_ids:
+            shutil.rmtree(self.run_dir(rid), ignore_errors=True)
+            shutil.rmtree(self.staging_dir(rid), ignore_errors=True)
+
+    def reset_runs(self, run_ids: list[str]) -> None:
+        """Mark runs pending again (their folders are removed), so the next sweep trains them afresh."""
+        import shutil
+
+        with self.transaction() as conn:
+            for rid in run_ids:
+                conn.execute("UPDATE runs SET status='pending', owner=NULL, heartbeat=NULL, error=NULL, "
+                             "metrics=NULL, finished=NULL WHERE id=?", (rid,))
+        for rid in run_ids:
+            shutil.rmtree(self.run_dir(rid), ignore_errors=True)
+            shutil.rmtree(self.staging_dir(rid), ignore_errors=True)
+
     # -- run folders --------------------------------------------------------------------------------
 
     def run_dir(self, run_id: str) -> Path:
         return self.root / "runs" / run_id
 
     def staging_dir(self, run_id: str) -> Path:
-        return self.root / "runs" / f".tmp-{run_id}-{os.getpid()}"
+        """Where a run is written while it trains; one per run id (the claim makes it exclusive), so a
+        run taken over after a kill finds the resumable state its previous owner left there."""
+        return self.root / "runs" / f".partial-{run_id}"
 
     def publish(self, run_id: str, staging: Path) -> Path:
         """Move a complete run folder into place (replacing any older copy)."""

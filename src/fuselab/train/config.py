@@ -47,6 +47,7 @@ class TrainConfig:
     eval_batch_size: int = 1024
     tensorboard: bool = False  # also write TensorBoard event files (CSV logs are always written)
     checkpoint: bool = True  # save the best-on-validation weights in the run folder
+    checkpoint_every: float = 30.0  # seconds between resumable training states in a run under a store
 
 
 @dataclasses.dataclass
@@ -59,6 +60,9 @@ class RunConfig:
     data: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "mfeat"})
     model: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "mlp-streams"})
     fusion: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "concat"})
+    # optional Exchange operator (bottleneck, joint-attention, cross-attention, ...); empty = the model's own
+    # default; only builders with an ``exchange`` parameter (mbt) take one
+    exchange: dict[str, Any] = dataclasses.field(default_factory=dict)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     seed: int = 0  # fixes the data split, the initialisation and the batch order
@@ -66,7 +70,12 @@ class RunConfig:
 
 SECTIONS = [f.name for f in dataclasses.fields(RunConfig)]
 # keys a builder receives from fuselab itself, never from the config
-_INJECTED = {"data": {"seed"}, "model": {"dims", "num_classes", "fusion"}, "fusion": {"dims", "layers"}}
+_INJECTED = {
+    "data": {"seed"},
+    "model": {"dims", "num_classes", "fusion", "exchange"},
+    "fusion": {"dims", "layers"},
+    "exchange": {"dims", "layers"},
+}
 
 
 def _omegaconf_error(exc: OmegaConfBaseException) -> ConfigError:
@@ -135,10 +144,10 @@ def _merge_sections(cfg: DictConfig, update: dict[str, Any]) -> DictConfig:
     unknown = sorted(set(update) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"unknown config section '{unknown[0]}'; allowed: {', '.join(SECTIONS)}")
-    for section in ("data", "model", "fusion"):
+    for section in ("data", "model", "fusion", "exchange"):
         # switching to another registered entry drops the previous entry's options
         new = update.get(section)
-        if isinstance(new, dict) and "name" in new and new["name"] != cfg[section].get("name"):
+        if isinstance(new, dict) and "name" in new and new["name"] != (cfg[section] or {}).get("name"):
             cfg[section] = {}
     return OmegaConf.merge(cfg, update)
 
@@ -207,6 +216,17 @@ def validate(cfg: DictConfig) -> None:
         if term["name"] not in LOSSES:
             raise ConfigError(LOSSES.unknown_message(term["name"]))
         check_options(f"loss.terms[{i}]", LOSSES.get(term["name"]), {k: v for k, v in term.items() if k != "weight"})
+    exchange = OmegaConf.to_container(cfg.exchange, resolve=True)
+    if exchange:
+        if "name" not in exchange:
+            raise ConfigError("config section 'exchange' needs a name, e.g. exchange.name=bottleneck")
+        if exchange["name"] not in FUSIONS:
+            raise ConfigError(FUSIONS.unknown_message(exchange["name"]))
+        if FUSIONS.get(exchange["name"]).contract != "exchange":
+            raise ConfigError(f"exchange.name '{exchange['name']}' is a merge; put it in the fusion section")
+        if "exchange" not in inspect.signature(MODELS.get(model["name"])).parameters:
+            raise ConfigError(f"model '{model['name']}' takes no exchange section; remove exchange.*")
+        check_options("exchange", FUSIONS.get(exchange["name"]), exchange)
     if cfg.train.monitor not in ("accuracy", "macro_f1", "loss"):
         raise ConfigError(f"config key 'train.monitor' must be accuracy, macro_f1 or loss, got {cfg.train.monitor!r}")
     if cfg.train.select not in ("best", "last"):

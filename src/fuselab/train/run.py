@@ -44,6 +44,9 @@ def build_model(cfg: DictConfig, data: DataBundle) -> torch.nn.Module:
     name = options.pop("name")
     if any(t["name"] == "aux-unimodal" for t in section(cfg, "loss")["terms"]):
         options.setdefault("modality_heads", True)
+    exchange = section(cfg, "exchange") if "exchange" in cfg else {}
+    if exchange:
+        options["exchange"] = exchange
     return MODELS.get(name)(dims=data.dims, num_classes=data.num_classes, fusion=section(cfg, "fusion"), **options)
 
 
@@ -85,9 +88,11 @@ def execute(
     run_dir: Path | None = None,
     *,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    resumable: bool = False,
 ) -> RunResult:
     """Train one run. With ``run_dir``, write config.yaml, metrics.json, history.csv, predictions.npz,
-    environment.json, the best checkpoint and the CSV (and optionally TensorBoard) logs there."""
+    environment.json, the best checkpoint and the CSV (and optionally TensorBoard) logs there.
+    ``resumable`` keeps a resumable training state in ``run_dir`` (removed when the run completes)."""
     tcfg = OmegaConf.to_object(cfg.train)
     if tcfg.threads:
         torch.set_num_threads(int(tcfg.threads))
@@ -112,7 +117,10 @@ def execute(
     except ValueError as exc:  # a shape or option problem found while building
         raise ConfigError(str(exc).splitlines()[0]) from None
     params = count_parameters(model)
-    result = fit(model, data, loss, tcfg, seed=int(cfg.seed), fabric=fabric, on_epoch=on_epoch)
+    resume_path = run_dir / "resume.pt" if resumable and run_dir is not None else None
+    result = fit(model, data, loss, tcfg, seed=int(cfg.seed), fabric=fabric, on_epoch=on_epoch, resume_path=resume_path)
+    if resume_path is not None:
+        resume_path.unlink(missing_ok=True)
     for logger in fabric.loggers:
         logger.finalize("success")
     metrics: dict[str, Any] = {f"test_{k}": v for k, v in result.test.items()}
