@@ -22,6 +22,7 @@ console = Console(soft_wrap=True)
 errors = Console(stderr=True, soft_wrap=True)
 
 DEFAULT_STORE = Path("runs")
+PLUGIN_OPTION = typer.Option(None, "--plugin", help="a plugin .py file or module to load first (repeatable)")
 DEFAULT_SPEC = "mfeat-compare"
 
 
@@ -29,8 +30,12 @@ DEFAULT_SPEC = "mfeat-compare"
 def list_cmd(
     what: str = typer.Argument("fusions", help="fusions | models | datasets | losses | specs"),
     pattern: str = typer.Option("*", "--pattern", "-p", help="shell-style filter on ids"),
+    plugin: Optional[list[str]] = PLUGIN_OPTION,
 ) -> None:
     """List registered fusions, models, datasets, loss terms or shipped specs."""
+    from fuselab.plugins import load_plugins
+
+    load_plugins(plugin or [])
     import fuselab.train.config  # noqa: F401  (registers everything)
     from fuselab.api import fusion_info
     from fuselab.experiments.spec import shipped_specs
@@ -64,8 +69,12 @@ def run_cmd(
     config: Optional[Path] = typer.Argument(None, help="a YAML run config (defaults apply without one)"),
     overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides, e.g. fusion.name=lmf train.epochs=20"),
     out: Path = typer.Option(Path("runs/single"), "--out", "-o", help="parent folder of the run folder"),
+    plugin: Optional[list[str]] = PLUGIN_OPTION,
 ) -> None:
     """Train one model from a config and print its test metrics."""
+    from fuselab.plugins import load_plugins
+
+    load_plugins(plugin or [])
     from fuselab.experiments.spec import run_id
     from fuselab.train.config import make_config, read_yaml
     from fuselab.train.run import execute
@@ -101,13 +110,14 @@ def compare_cmd(
     store: Path = typer.Option(DEFAULT_STORE, "--store", "-s", help="result store folder"),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="parallel runs (default: number of cores)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and an estimate, train nothing"),
+    plugin: Optional[list[str]] = PLUGIN_OPTION,
 ) -> None:
     """Run every method x seed of a spec (skipping finished runs) and print the comparison table."""
     from fuselab.experiments.runner import default_jobs, execute_plan, prepare
     from fuselab.experiments.spec import load_spec
     from fuselab.experiments.store import Store
 
-    sp = load_spec(spec)
+    sp = load_spec(spec, plugins=plugin or [])
     st = Store(store)
     jobs = jobs or default_jobs()
     if jobs < 1:
@@ -139,7 +149,7 @@ def compare_cmd(
             if o.status == "failed":
                 progress.console.print(f"[red]failed[/] {o.method} seed {o.seed}: {o.error}")
 
-        execute_plan(plan, st, jobs=jobs, on_outcome=on_outcome)
+        execute_plan(plan, st, jobs=jobs, on_outcome=on_outcome, plugins=sp.plugins)
     console.print(f"{counts['done']} trained, {counts['cached']} already in the store, {counts['failed']} failed, "
                   f"{time.perf_counter() - start:.0f} s")
     _print_report(st.root, sp.name)
@@ -335,6 +345,9 @@ def main(argv: list[str] | None = None) -> None:
     from fuselab.train.config import ConfigError
 
     try:
+        from fuselab.plugins import load_entry_points
+
+        load_entry_points()
         app(args=argv, prog_name="fuselab")
     except (ConfigError, ValueError, FileNotFoundError, KeyError) as exc:
         message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)

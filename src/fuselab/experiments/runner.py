@@ -41,10 +41,14 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def train_one(store_root: str, run_id: str, method: str, seed: int, config: dict[str, Any], threads: int) -> Outcome:
+def train_one(store_root: str, run_id: str, method: str, seed: int, config: dict[str, Any], threads: int,
+              plugins: tuple[str, ...] = ()) -> Outcome:
     """Claim, train and publish one run (in a worker process or in-process)."""
+    from fuselab.plugins import load_plugins
     from fuselab.train.config import make_config
     from fuselab.train.run import execute  # imported in the worker
+
+    load_plugins(plugins)  # a worker process starts with the built-ins only
 
     store = Store(store_root)
     if not store.claim(run_id):
@@ -92,6 +96,7 @@ def execute_plan(
     *,
     jobs: int,
     on_outcome: Callable[[Outcome], None] | None = None,
+    plugins: list[str] | tuple[str, ...] = (),
 ) -> list[Outcome]:
     """Train every run of ``plan`` that is not done; ``jobs`` processes, torch threads split between them."""
     outcomes: list[Outcome] = []
@@ -109,7 +114,8 @@ def execute_plan(
         else:
             todo.append(run)
     threads = max(1, default_jobs() // max(1, jobs))
-    args = [(str(store.root), r.run_id, r.method, r.seed, OmegaConf.to_container(r.config, resolve=True), threads) for r in todo]
+    args = [(str(store.root), r.run_id, r.method, r.seed, OmegaConf.to_container(r.config, resolve=True), threads,
+             tuple(plugins)) for r in todo]
     if jobs <= 1 or len(todo) <= 1:
         _init_worker(threads)
         for a in args:

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fuselab.train.config import ConfigError, make_config, read_yaml
 
-SPEC_KEYS = ("name", "description", "base", "grid", "variants", "seeds", "baseline", "metric")
+SPEC_KEYS = ("name", "description", "base", "grid", "variants", "seeds", "baseline", "metric", "plugins")
 METRICS = ("accuracy", "macro_f1")
 # execution details: they change how a run executes, not what it computes, so they are not in its id
 EXECUTION_KEYS = (
@@ -51,6 +51,7 @@ class Spec:
     metric: str = "accuracy"
     description: str = ""
     source: dict[str, Any] = dataclasses.field(default_factory=dict)  # the spec as written
+    plugins: list[str] = dataclasses.field(default_factory=list)  # resolved plugin paths / module names
 
     def plan(self) -> list[PlannedRun]:
         """Every (method, seed) run with its resolved config, checked before anything runs."""
@@ -74,8 +75,14 @@ def _dot_value(value: Any) -> str:
 
 
 def run_id(cfg: DictConfig) -> str:
-    """Hash of the resolved config, seed included, execution details excluded."""
+    """Hash of the resolved config, seed included, execution details excluded; with the source hashes of
+    the plugins that provide ids the config uses (a changed plugin gives new ids)."""
+    from fuselab.plugins import provenance
+
     container = OmegaConf.to_container(cfg, resolve=True)
+    plugins = provenance(container)
+    if plugins:
+        container["plugins"] = plugins
     for section in [k for k, v in container.items() if v == {}]:
         del container[section]  # an unused optional section (exchange) must not change the ids of old runs
     for key in EXECUTION_KEYS:
@@ -99,8 +106,9 @@ def _flatten(prefix: str, value: Any) -> dict[str, Any]:
     return {prefix: value}
 
 
-def load_spec(name_or_path: str | Path) -> Spec:
-    """A spec by shipped name (``mfeat-compare``) or by path to a YAML file."""
+def load_spec(name_or_path: str | Path, *, plugins: list[str] | tuple[str, ...] = ()) -> Spec:
+    """A spec by shipped name (``mfeat-compare``) or by path to a YAML file; ``plugins`` are loaded first,
+    then the spec's own ``plugins:`` (paths relative to the spec file)."""
     text = str(name_or_path)
     path = Path(text)
     if not (path.suffix in (".yaml", ".yml") or path.exists()):
@@ -111,13 +119,27 @@ def load_spec(name_or_path: str | Path) -> Spec:
                 f"shipped specs: {', '.join(sorted(shipped))}, or give a path to a .yaml file")
             raise ConfigError(f"unknown spec '{text}'; {hint}")
         path = shipped[text]
-    return parse_spec(read_yaml(path), default_name=path.stem)
+    return parse_spec(read_yaml(path), default_name=path.stem, base_dir=path.parent, plugins=plugins)
 
 
-def parse_spec(raw: dict[str, Any], *, default_name: str = "experiment") -> Spec:
+def parse_spec(
+    raw: dict[str, Any],
+    *,
+    default_name: str = "experiment",
+    base_dir: Path | None = None,
+    plugins: list[str] | tuple[str, ...] = (),
+) -> Spec:
+    from fuselab.plugins import load_plugin
+
     unknown = sorted(set(raw) - set(SPEC_KEYS))
     if unknown:
         raise ConfigError(f"unknown spec key '{unknown[0]}'; allowed: {', '.join(SPEC_KEYS)}")
+    listed = raw.get("plugins") or []
+    if not isinstance(listed, list) or not all(isinstance(p, str) for p in listed):
+        raise ConfigError("spec key 'plugins' must be a list of .py paths or module names")
+    loaded = [load_plugin(p) for p in plugins] + [load_plugin(p, base=base_dir) for p in listed]
+    resolved = [_plugin_key(p, base_dir) for p in [*plugins, *listed]]
+    del loaded
     name = str(raw.get("name") or default_name)
     base = raw.get("base") or {}
     if not isinstance(base, dict):
@@ -156,7 +178,17 @@ def parse_spec(raw: dict[str, Any], *, default_name: str = "experiment") -> Spec
     if metric not in METRICS:
         raise ConfigError(f"spec key 'metric' must be one of {', '.join(METRICS)}, got '{metric}'")
     baseline = _resolve_baseline(raw.get("baseline"), methods, name)
-    return Spec(name, base, methods, list(seeds), baseline, metric, str(raw.get("description", "")), raw)
+    return Spec(name, base, methods, list(seeds), baseline, metric, str(raw.get("description", "")), raw, resolved)
+
+
+def _plugin_key(source: str, base_dir: Path | None) -> str:
+    """A plugin as a worker process can load it: an absolute path, or the module name."""
+    path = Path(source).expanduser()
+    if source.endswith(".py") or "/" in source or path.exists():
+        if not path.is_absolute() and base_dir is not None and not path.exists():
+            path = base_dir / path
+        return str(path.resolve())
+    return source
 
 
 def _resolve_baseline(baseline: Any, methods: list[Method], spec_name: str) -> str:

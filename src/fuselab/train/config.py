@@ -72,7 +72,7 @@ SECTIONS = [f.name for f in dataclasses.fields(RunConfig)]
 # keys a builder receives from fuselab itself, never from the config
 _INJECTED = {
     "data": {"seed"},
-    "model": {"dims", "num_classes", "fusion", "exchange"},
+    "model": {"dims", "num_classes", "fusion", "exchange", "example"},
     "fusion": {"dims", "layers"},
     "exchange": {"dims", "layers"},
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import platform
@@ -47,7 +48,10 @@ def build_model(cfg: DictConfig, data: DataBundle) -> torch.nn.Module:
     exchange = section(cfg, "exchange") if "exchange" in cfg else {}
     if exchange:
         options["exchange"] = exchange
-    return MODELS.get(name)(dims=data.dims, num_classes=data.num_classes, fusion=section(cfg, "fusion"), **options)
+    builder = MODELS.get(name)
+    if "example" in inspect.signature(builder).parameters:  # builders that measure their encoders' outputs
+        options["example"] = data.train.take(torch.arange(min(2, len(data.train))))[0]
+    return builder(dims=data.dims, num_classes=data.num_classes, fusion=section(cfg, "fusion"), **options)
 
 
 def environment(threads: int) -> dict[str, Any]:

@@ -1,0 +1,152 @@
+"""``custom-streams``: any ``nn.Module`` per modality as its encoder, by import path, in the generic MultiStream.
+
+Config::
+
+    model:
+      name: custom-streams
+      encoders:
+        image: {target: mypkg.nets.SmallCNN, channels: 32}      # kwargs go to the constructor
+        audio: {target: torch.nn.Identity}
+        "*":   {target: timm:resnet18, in_chans: 1}             # default for modalities not listed
+
+An encoder returns a vector (B, D), tokens (B, N, D), a map (B, C, H, W), or a list/tuple of staged outputs
+(the last stage is fused). Output widths are found by running each encoder once on two samples, so
+``out_dim`` is only needed when that is not possible. ``timm:NAME`` builds a timm model (``pip install timm``)
+without pretrained weights and without its classifier.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import fuselab.api as api
+from fuselab.fusion.base import FORM_RANK
+from fuselab.models.multistream import MultiStream
+from fuselab.registry import MODELS
+
+_FORM_OF_RANK = {rank: form for form, rank in FORM_RANK.items()}
+
+
+def import_target(target: str) -> Any:
+    """``pkg.mod.Name`` -> the object; one clear error when it cannot be imported."""
+    module_name, _, attr = target.rpartition(".")
+    if not module_name:
+        raise ValueError(f"encoder target '{target}' must be a dotted import path like mypkg.nets.MyNet")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"encoder target '{target}': cannot import '{module_name}' ({exc})") from None
+    if not hasattr(module, attr):
+        raise ValueError(f"encoder target '{target}': module '{module_name}' has no '{attr}'")
+    return getattr(module, attr)
+
+
+def build_encoder(spec: Mapping[str, Any]) -> nn.Module:
+    spec = dict(spec)
+    target = spec.pop("target", None)
+    spec.pop("out_dim", None)
+    if not target:
+        raise ValueError("every model.encoders entry needs a target, e.g. {target: mypkg.nets.MyNet}")
+    if target.startswith("timm:"):
+        try:
+            import timm
+        except ImportError:
+            raise ValueError(f"encoder '{target}' needs timm: pip install timm") from None
+        return timm.create_model(target[5:], pretrained=False, num_classes=0, **spec)
+    cls = import_target(target)
+    try:
+        module = cls(**spec)
+    except TypeError as exc:
+        raise ValueError(f"encoder target '{target}': {exc}") from None
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"encoder target '{target}' built a {type(module).__name__}, not an nn.Module")
+    return module
+
+
+class LastStage(nn.Module):
+    """Wraps an encoder so that staged outputs (a list or tuple) give their last stage."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.encoder(x)
+        return out[-1] if isinstance(out, (list, tuple)) else out
+
+
+class GlobalPool(nn.Module):
+    """Fused tokens or maps to a vector: the mean over tokens or pixels."""
+
+    def forward(self, z: Tensor) -> Tensor:
+        if z.dim() == 4:
+            return z.mean((2, 3))
+        if z.dim() == 3:
+            return z.mean(1)
+        return z
+
+
+@MODELS.register("custom-streams")
+def custom_streams(
+    *,
+    dims: Mapping[str, int],
+    num_classes: int,
+    fusion: Mapping[str, Any],
+    encoders: dict[str, Any],
+    dropout: float = 0.0,
+    example: Mapping[str, Tensor] | None = None,
+) -> MultiStream:
+    """Per-modality encoders given by import path; the merge on their (last-stage) outputs; a linear head.
+
+    Args:
+        dims: input width per modality (from the dataset).
+        num_classes: classes of the head.
+        fusion: the merge's config.
+        encoders: per modality (or ``"*"`` for all others) ``{target: import.path, **constructor kwargs}``.
+        dropout: dropout before the head.
+        example: a small batch of inputs, used to find each encoder's output width and form.
+    """
+    modules: dict[str, nn.Module] = {}
+    for m in dims:
+        spec = encoders.get(m, encoders.get("*"))
+        if spec is None:
+            raise ValueError(f"model.encoders has no entry for modality '{m}' (and no '*' default)")
+        modules[m] = LastStage(build_encoder(spec))
+    widths: dict[str, int] = {}
+    forms: set[str] = set()
+    for m, module in modules.items():
+        spec = encoders.get(m, encoders.get("*"))
+        if example is None:
+            if "out_dim" not in spec:
+                raise ValueError(f"model.encoders.{m}: give out_dim (no example batch to measure it on)")
+            widths[m], form = int(spec["out_dim"]), "vector"
+        else:
+            with torch.no_grad():
+                was = module.training
+                out = module.eval()(example[m][:2])
+                module.train(was)
+            form = _FORM_OF_RANK.get(out.dim())
+            if form is None:
+                raise ValueError(f"encoder of '{m}' returned shape {tuple(out.shape)}; expected rank 2, 3 or 4")
+            widths[m] = int(out.shape[1] if out.dim() == 4 else out.shape[-1])
+        forms.add(form)
+    fusion = dict(fusion)
+    name = fusion.pop("name")
+    info = api.fusion_info(name)
+    if len(forms) > 1:
+        raise ValueError(f"encoders return different forms ({', '.join(sorted(forms))}); make them agree")
+    form = forms.pop()
+    if form not in info.forms:
+        raise ValueError(f"fusion '{name}' takes {', '.join(info.forms)}, but the encoders return {form}")
+    if info.produces_logits:
+        fusion["out_dim"] = num_classes
+    merge = api.create_fusion(name, dims=widths, **fusion)
+    head = None
+    if not info.produces_logits:
+        head = nn.Sequential(GlobalPool(), nn.Dropout(dropout), nn.Linear(merge.out_dim, num_classes))
+    return MultiStream(encoders=modules, merge=merge, head=head)
