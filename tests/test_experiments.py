@@ -94,7 +94,7 @@ def test_a_run_killed_mid_training_is_taken_over_and_a_live_claim_is_respected(t
         conn.execute("UPDATE runs SET status='running', owner=?, heartbeat=strftime('%s','now') WHERE id=?",
                      (f"{socket.gethostname()}:{os.getppid()}", plan[1].run_id))  # a live process holds it
     store.staging_dir(plan[0].run_id).mkdir(parents=True)
-    outcomes = {o.run_id: o.status for o in execute_plan(plan, store, jobs=1)}
+    outcomes = {o.run_id: o.status for o in execute_plan(plan, store, jobs=1, wait=False)}
     assert outcomes[plan[0].run_id] == "done"
     assert outcomes[plan[1].run_id] == "skipped"
     assert store.status(plan[1].run_id) == "running"

@@ -97,9 +97,26 @@ def execute_plan(
     jobs: int,
     on_outcome: Callable[[Outcome], None] | None = None,
     plugins: list[str] | tuple[str, ...] = (),
+    wait: bool = True,
+    poll_seconds: float = 2.0,
 ) -> list[Outcome]:
-    """Train every run of ``plan`` that is not done; ``jobs`` processes, torch threads split between them."""
+    """Train every run of ``plan`` that is not done; ``jobs`` processes, torch threads split between them.
+
+    A run that another live process is training (a concurrent sweep, or the orphaned workers of a killed
+    one) is waited for and then reported from the store, or trained here if its owner dies (``wait=False``
+    reports it as ``skipped`` instead).
+    """
     outcomes: list[Outcome] = []
+    held: list[Outcome] = []
+
+    def report(outcome: Outcome) -> None:
+        if outcome.status == "skipped" and wait:
+            held.append(outcome)
+            return
+        outcomes.append(outcome)
+        if on_outcome:
+            on_outcome(outcome)
+
     seen: set[str] = set()
     todo: list[PlannedRun] = []
     for run in plan:
@@ -107,29 +124,28 @@ def execute_plan(
             continue
         seen.add(run.run_id)
         if store.status(run.run_id) == "done":
-            outcome = Outcome(run.run_id, run.method, run.seed, "cached")
-            outcomes.append(outcome)
-            if on_outcome:
-                on_outcome(outcome)
+            report(Outcome(run.run_id, run.method, run.seed, "cached"))
         else:
             todo.append(run)
     threads = max(1, default_jobs() // max(1, jobs))
-    args = [(str(store.root), r.run_id, r.method, r.seed, OmegaConf.to_container(r.config, resolve=True), threads,
-             tuple(plugins)) for r in todo]
+    args = {r.run_id: (str(store.root), r.run_id, r.method, r.seed, OmegaConf.to_container(r.config, resolve=True),
+                       threads, tuple(plugins)) for r in todo}
     if jobs <= 1 or len(todo) <= 1:
         _init_worker(threads)
-        for a in args:
-            outcome = train_one(*a)
-            outcomes.append(outcome)
-            if on_outcome:
-                on_outcome(outcome)
-        return outcomes
-    context = multiprocessing.get_context("spawn")  # no forked torch thread pools
-    with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
-        futures = [pool.submit(train_one, *a) for a in args]
-        for future in as_completed(futures):
-            outcome = future.result()
-            outcomes.append(outcome)
-            if on_outcome:
-                on_outcome(outcome)
+        for a in args.values():
+            report(train_one(*a))
+    else:
+        context = multiprocessing.get_context("spawn")  # no forked torch thread pools
+        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=context,
+                                 initializer=_init_worker, initargs=(threads,)) as pool:
+            for future in as_completed([pool.submit(train_one, *a) for a in args.values()]):
+                report(future.result())
+    while held:
+        time.sleep(poll_seconds)
+        waiting, held[:] = list(held), []
+        for outcome in waiting:
+            if store.status(outcome.run_id) == "done":
+                report(dataclasses.replace(outcome, status="cached"))
+            else:
+                report(train_one(*args[outcome.run_id]))  # trains it if the owner is gone, else held again
     return outcomes

@@ -1,0 +1,100 @@
+"""A store that loses nothing: kill -9 in the middle of a sweep, and two sweeps on one store at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import yaml
+
+from fuselab.experiments.store import Store
+from fuselab.train.config import make_config
+from fuselab.train.run import execute
+
+SPEC = {
+    "name": "reliable",
+    "base": {
+        "data": {"name": "mfeat", "views": ["fou", "kar"]},
+        "model": {"name": "mlp-streams", "hidden": 32},
+        "train": {"epochs": 8, "batch_size": 64, "lr": 5.0e-3, "checkpoint_every": 0.0},
+    },
+    "grid": {"fusion.name": ["concat", "sum"]},
+    "seeds": [0, 1],
+}
+
+
+def _compare(tmp_path, spec=SPEC, jobs=1, **kw):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    cmd = [sys.executable, "-m", "fuselab.cli", "compare", str(path), "--store", str(tmp_path / "store"), "--jobs", str(jobs)]
+    return cmd
+
+
+def _runs(store: Store):
+    return {r["run_id"]: r for r in store.experiment_runs("reliable")}
+
+
+def test_kill_9_then_rerun_finishes_every_run_exactly_once_and_resumes(tmp_path):
+    cmd = _compare(tmp_path)
+    store = Store(tmp_path / "store")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    victim = None
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:  # wait until one run is done and the next has saved a state
+            time.sleep(0.2)
+            if not store.exists():
+                continue
+            try:
+                runs = _runs(store)
+            except Exception:  # noqa: BLE001 - the schema may still be being created
+                continue
+            running = [r for r in runs.values() if r["status"] == "running"]
+            done = [r for r in runs.values() if r["status"] == "done"]
+            if done and running and (store.staging_dir(running[0]["run_id"]) / "resume.pt").is_file():
+                state_epochs = running[0]["run_id"]
+                victim = state_epochs
+                break
+        assert victim is not None, "the sweep never reached a killable point"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert _runs(store)[victim]["status"] == "running"  # as the kill left it
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    runs = _runs(store)
+    assert all(r["status"] == "done" for r in runs.values())
+    assert {rid: r["attempts"] for rid, r in runs.items()} == {rid: (2 if rid == victim else 1) for rid in runs}
+    assert sorted(p.name for p in (store.root / "runs").iterdir()) == sorted(runs)  # no partial folders left
+    # the killed run resumed from its saved state and ended exactly as an uninterrupted run would
+    folder = store.run_dir(victim)
+    threads = json.loads((folder / "environment.json").read_text())["torch_threads"]
+    config = runs[victim]["config"]
+    fresh = execute(make_config(config, [f"train.threads={threads}"]))
+    stored = pd.read_csv(folder / "history.csv")
+    assert list(stored["epoch"]) == list(range(8))
+    assert stored["val_accuracy"].tolist() == pytest.approx([r["val_accuracy"] for r in fresh.history], abs=0)
+    assert json.loads((folder / "metrics.json").read_text())["test_accuracy"] == fresh.metrics["test_accuracy"]
+
+
+def test_two_sweeps_on_one_store_train_each_run_once(tmp_path):
+    cmd = _compare(tmp_path)
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    second = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out1, err1 = first.communicate(timeout=600)
+    out2, err2 = second.communicate(timeout=600)
+    assert first.returncode == 0 and second.returncode == 0, err1 + err2
+    runs = _runs(Store(tmp_path / "store"))
+    assert len(runs) == 4 and all(r["status"] == "done" and r["attempts"] == 1 for r in runs.values())
+    trained = [int(re.search(r"^(\d+) trained, \d+ already in the store", out, re.M).group(1)) for out in (out1, out2)]
+    assert sum(trained) == 4  # between them, every run trained once
+    table = lambda out: out[out.index("reliable: test accuracy"):out.index("tables:")]  # noqa: E731
+    assert table(out1) == table(out2)
