@@ -111,12 +111,19 @@ def compare_cmd(
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="parallel runs (default: number of cores)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and an estimate, train nothing"),
     plugin: Optional[list[str]] = PLUGIN_OPTION,
+    backend: str = typer.Option("local", "--backend", help="local (processes on this machine) | ray"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: a local instance)"),
+    gpus_per_run: float = typer.Option(0.0, "--gpus-per-run", help="GPUs each run asks Ray for"),
 ) -> None:
     """Run every method x seed of a spec (skipping finished runs) and print the comparison table."""
     from fuselab.experiments.runner import default_jobs, execute_plan, prepare
     from fuselab.experiments.spec import load_spec
     from fuselab.experiments.store import Store
 
+    if backend not in ("local", "ray"):
+        from fuselab.train.config import ConfigError
+
+        raise ConfigError(f"--backend must be local or ray, got '{backend}'")
     sp = load_spec(spec, plugins=plugin or [])
     st = Store(store)
     jobs = jobs or default_jobs()
@@ -130,7 +137,7 @@ def compare_cmd(
     plan = prepare(sp, st)
     unique = {r.run_id for r in plan}
     console.print(f"[bold]{sp.name}[/]: {len(sp.methods)} methods x {len(sp.seeds)} seeds = {len(unique)} runs, "
-                  f"{jobs} jobs, store {st.root}")
+                  f"{jobs} jobs{' on Ray' if backend == 'ray' else ''}, store {st.root}")
     start = time.perf_counter()
     counts = {"done": 0, "cached": 0, "failed": 0, "skipped": 0}
     best: dict[str, list[float]] = {}
@@ -149,7 +156,8 @@ def compare_cmd(
             if o.status == "failed":
                 progress.console.print(f"[red]failed[/] {o.method} seed {o.seed}: {o.error}")
 
-        execute_plan(plan, st, jobs=jobs, on_outcome=on_outcome, plugins=sp.plugins)
+        execute_plan(plan, st, jobs=jobs, on_outcome=on_outcome, plugins=sp.plugins, backend=backend,
+                     address=address, gpus_per_run=gpus_per_run)
     console.print(f"{counts['done']} trained, {counts['cached']} already in the store, {counts['failed']} failed, "
                   f"{time.perf_counter() - start:.0f} s")
     _print_report(st.root, sp.name)

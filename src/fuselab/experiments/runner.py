@@ -99,6 +99,9 @@ def execute_plan(
     plugins: list[str] | tuple[str, ...] = (),
     wait: bool = True,
     poll_seconds: float = 2.0,
+    backend: str = "local",
+    address: str | None = None,
+    gpus_per_run: float = 0.0,
 ) -> list[Outcome]:
     """Train every run of ``plan`` that is not done; ``jobs`` processes, torch threads split between them.
 
@@ -130,7 +133,15 @@ def execute_plan(
     threads = max(1, default_jobs() // max(1, jobs))
     args = {r.run_id: (str(store.root), r.run_id, r.method, r.seed, OmegaConf.to_container(r.config, resolve=True),
                        threads, tuple(plugins)) for r in todo}
-    if jobs <= 1 or len(todo) <= 1:
+    if backend == "ray" and args:
+        from fuselab.experiments.ray_backend import run_tasks
+
+        run_tasks(
+            [(a[1], a[2], a[3], a[4]) for a in args.values()], store,
+            lambda rid, method, seed, status, metrics, error: report(Outcome(rid, method, seed, status, metrics, error)),
+            address=address, threads=threads, gpus_per_run=gpus_per_run, plugins=tuple(plugins), cpus=default_jobs(),
+        )
+    elif jobs <= 1 or len(todo) <= 1:
         _init_worker(threads)
         for a in args.values():
             report(train_one(*a))
