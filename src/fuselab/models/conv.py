@@ -1,0 +1,238 @@
+"""``conv-streams``: per-modality ResNet-style staged conv encoders in the generic MultiStream, for maps.
+
+Legend: b batch, m modality, s stage, c channels, h height, w width, k classes.
+
+Stage 0 keeps the input resolution (a 3x3 stem conv, then ``stem_blocks`` basic blocks, none by default: full
+resolution is where convolutions cost most); every later stage halves it (a basic block with stride 2, then
+``blocks - 1`` more). ``widths`` gives the channels of each stage.
+
+- ``shared_weights``: one encoder for all modalities (Siamese; FC-Siam, CEN), run in **one batched pass**
+  over the modalities stacked on the batch axis (``SharedStage``), not a loop over them; the modalities must
+  then have the same number of channels.
+- ``exchange``: a standalone Exchange (``rectify``, ``spatial-exchange``, ``channel-exchange-p``, ...) after
+  every stage the streams run separately.
+- ``fuse_at``: ``early`` (merge the inputs), a stage index or ``last`` (one merge, the later stages as a shared
+  trunk), or a list of stages / ``all`` (a merge at each listed stage and a ``neck``: fpn, aspp, ppm).
+- ``dense``: per-pixel logits (``DenseHead``, upsampled to the input size) instead of a pooled classifier; the
+  run sets it from the dataset's task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import fuselab.api as api
+from fuselab.models.heads import ClassificationHead, DenseHead
+from fuselab.models.multistream import (
+    MultiScaleMerge,
+    MultiStream,
+    PerModality,
+    StreamSequence,
+    resolve_fuse_at,
+    resolve_fuse_stages,
+)
+from fuselab.models.necks import make_neck
+from fuselab.registry import MODELS
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block: Conv3x3-BN-ReLU-Conv3x3-BN plus the (projected) input, then ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, stride: int = 1) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu(self.body(x) + self.shortcut(x))
+
+
+def conv_stage(index: int, in_channels: int, out_channels: int, *, blocks: int, stem_blocks: int = 0) -> nn.Sequential:
+    """Stage ``index``: full resolution with a stem conv for stage 0, stride 2 for every later stage."""
+    if index == 0:
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        ]
+        layers += [BasicBlock(out_channels, out_channels) for _ in range(stem_blocks)]
+    else:
+        layers = [BasicBlock(in_channels, out_channels, stride=2)]
+        layers += [BasicBlock(out_channels, out_channels) for _ in range(blocks - 1)]
+    return nn.Sequential(*layers)
+
+
+class SharedStage(nn.Module):
+    """One module for all modalities, in one batched pass: ``{m: (B, C, H, W)}`` are stacked to (M B, C, H, W),
+    run once, and split back (sorted modality order)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        names = sorted(inputs)
+        out = self.module(torch.cat([inputs[m] for m in names], dim=0))
+        return dict(zip(names, out.chunk(len(names), dim=0)))
+
+
+class LoopedStage(nn.Module):
+    """The same shared module run once per modality (a Python loop): only for timing against ``SharedStage``."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {m: self.module(inputs[m]) for m in sorted(inputs)}
+
+
+def _positive_ints(values: Any, key: str) -> list[int]:
+    values = list(values) if isinstance(values, (list, tuple)) else values
+    if not isinstance(values, list) or not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        raise ValueError(f"model.{key} must be a non-empty list of positive integers, got {values!r}")
+    return values
+
+
+@MODELS.register("conv-streams")
+def conv_streams(
+    *,
+    dims: Mapping[str, int],
+    num_classes: int,
+    fusion: Mapping[str, Any],
+    exchange: Mapping[str, Any] | None = None,
+    widths: list[int] | None = None,
+    blocks: int = 1,
+    stem_blocks: int = 0,
+    shared_weights: bool = False,
+    fuse_at: Any = "last",
+    neck: str | None = None,
+    neck_width: int | None = None,
+    rates: list[int] | None = None,
+    bins: list[int] | None = None,
+    dense: bool = False,
+    dropout: float = 0.0,
+    modality_heads: bool = False,
+    batched: bool = True,
+) -> MultiStream:
+    """Conv streams, a merge at one or several stages, an optional neck and a classification or dense head.
+
+    Args:
+        dims: input channels per modality.
+        num_classes: classes of the head.
+        fusion: the merge's config (``name`` and its options); the same operator at every fused stage.
+        exchange: an optional standalone map Exchange (``name`` and options) after every separate stage.
+        widths: channels of each stage (default [16, 32, 64]); stage s > 0 halves the resolution.
+        blocks: basic blocks per stage after the first.
+        stem_blocks: basic blocks after the stem conv in stage 0 (full resolution).
+        shared_weights: one encoder for all modalities, run in one batched pass (same channels needed).
+        fuse_at: ``early``, a stage index, ``last``, a list of stage indices or ``all``.
+        neck: ``fpn``, ``aspp``, ``ppm`` or ``concat``; None: no neck for one fused stage, ``fpn`` for several.
+        neck_width: the neck's output channels (default: the first stage's width).
+        rates: ASPP dilation rates (default [6, 12, 18], DeepLabv3 at output stride 16).
+        bins: PPM pooled sizes (default [1, 2, 3, 6], PSPNet).
+        dense: per-pixel logits (set by the run for dense tasks).
+        dropout: dropout before the classifier of the head.
+        modality_heads: a head per stream on its fusion-point output (single-point fusion only).
+        batched: with ``shared_weights``, stack the modalities into one pass (default); False runs the shared
+            encoder once per modality (only to measure what batching saves).
+    """
+    widths = _positive_ints(widths if widths is not None else [16, 32, 64], "widths")
+    rates = _positive_ints(rates if rates is not None else [6, 12, 18], "rates")
+    bins = _positive_ints(bins if bins is not None else [1, 2, 3, 6], "bins")
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+        raise ValueError(f"model.blocks must be a positive integer, got {blocks!r}")
+    if isinstance(stem_blocks, bool) or not isinstance(stem_blocks, int) or stem_blocks < 0:
+        raise ValueError(f"model.stem_blocks must be a non-negative integer, got {stem_blocks!r}")
+    if len(dims) < 2:
+        raise ValueError(f"conv-streams needs at least 2 modalities, got {len(dims)}")
+    modalities = sorted(dims)
+    if shared_weights and len({dims[m] for m in modalities}) != 1:
+        raise ValueError(f"model.shared_weights needs the same channels in every modality, got {dict(dims)}")
+    n_stages = len(widths)
+    fuse_stages = resolve_fuse_stages(fuse_at, n_stages)
+    at = None if fuse_stages is not None else resolve_fuse_at(fuse_at, n_stages)
+    fusion = dict(fusion)
+    name = fusion.pop("name")
+    if api.fusion_info(name).produces_logits:
+        raise ValueError(f"fusion '{name}' merges logits; conv-streams takes a feature merge")
+    exchange = dict(exchange or {})
+    exchange_name = exchange.pop("name", None)
+    if exchange_name is not None:
+        info = api.fusion_info(exchange_name)
+        if info.contract != "exchange" or info.kind != "standalone" or "map" not in info.forms:
+            raise ValueError(f"exchange '{exchange_name}' is not a standalone map exchange (e.g. rectify)")
+        if at == -1:
+            raise ValueError("an exchange needs separate streams; it cannot be used with model.fuse_at=early")
+
+    separate = max(fuse_stages) + 1 if fuse_stages is not None else at + 1  # stages the streams run apart
+    steps: list[nn.Module] = []
+    for s in range(separate):
+        if shared_weights:
+            stage = conv_stage(s, dims[modalities[0]] if s == 0 else widths[s - 1], widths[s], blocks=blocks, stem_blocks=stem_blocks)
+            steps.append(SharedStage(stage) if batched else LoopedStage(stage))
+        else:
+            steps.append(PerModality({
+                m: conv_stage(s, dims[m] if s == 0 else widths[s - 1], widths[s], blocks=blocks, stem_blocks=stem_blocks) for m in modalities
+            }))
+        if exchange_name is not None:
+            steps[-1] = StreamSequence([steps[-1], api.create_fusion(exchange_name, dims={m: widths[s] for m in modalities}, **exchange)])
+    identity = {m: nn.Identity() for m in modalities}
+    head_neck: nn.Module | None = None
+
+    if fuse_stages is not None:
+        merges = {s: api.create_fusion(name, dims={m: widths[s] for m in modalities}, **fusion) for s in fuse_stages}
+        merge: nn.Module = MultiScaleMerge(steps, merges)
+        width = neck_width or widths[0]
+        head_neck = make_neck(neck or "fpn", [merges[s].out_dim for s in fuse_stages], width, rates=rates, bins=bins)
+        fused_width, trunk = width, None
+        if modality_heads:
+            raise ValueError("model.modality_heads needs a single fusion point, not a list of stages")
+    else:
+        in_dims = dict(dims) if at == -1 else {m: widths[at] for m in modalities}
+        merge = api.create_fusion(name, dims=in_dims, **fusion)
+        trunk_stages = [
+            conv_stage(s, merge.out_dim if s == at + 1 else widths[s - 1], widths[s], blocks=blocks, stem_blocks=stem_blocks)
+            for s in range(at + 1, n_stages)
+        ]
+        trunk = nn.Sequential(*trunk_stages) if trunk_stages else None
+        fused_width = widths[-1] if trunk_stages else merge.out_dim
+        if neck is not None:
+            width = neck_width or widths[0]
+            head_neck = make_neck(neck, [fused_width], width, rates=rates, bins=bins)
+            # the neck runs before the trunk in MultiStream; with a trunk, put it after the trunk instead
+            if trunk is not None:
+                trunk, head_neck = nn.Sequential(trunk, head_neck), None
+            fused_width = width
+    head: nn.Module = DenseHead(fused_width, num_classes, dropout=dropout) if dense else ClassificationHead(
+        fused_width, num_classes, dropout=dropout)
+    heads = None
+    if modality_heads and at is not None and at >= 0:
+        heads = {m: ClassificationHead(widths[at], num_classes) for m in modalities}
+    return MultiStream(
+        encoders=identity,
+        exchange=StreamSequence(steps) if fuse_stages is None and steps else None,
+        merge=merge,
+        trunk=trunk,
+        neck=head_neck,
+        head=head,
+        modality_heads=heads,
+    )
+
+
+__all__ = ["BasicBlock", "LoopedStage", "SharedStage", "conv_stage", "conv_streams"]
