@@ -77,3 +77,46 @@ def test_bad_encoder_target_is_one_clear_error(tmp_path):
             "model": {"name": "custom-streams", "encoders": {"*": {"target": "mypkg.nets.Missing"}}}}
     with pytest.raises(ConfigError, match="encoder target 'mypkg.nets.Missing': cannot import 'mypkg.nets'"):
         execute(make_config(base))
+
+
+def _paired(tmp_path, with_csv: bool):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    root = tmp_path / "pairs"
+    for i in range(60):
+        label = i % 3
+        sub = "" if with_csv else f"class{label}/"
+        (root / "rgb" / sub).mkdir(parents=True, exist_ok=True)
+        (root / "depth" / sub).mkdir(parents=True, exist_ok=True)
+        pixels = (rng.random((6, 6, 3)) * 60 + label * 80).astype(np.uint8)
+        Image.fromarray(pixels).save(root / "rgb" / sub / f"s{i:03d}.png")
+        np.save(root / "depth" / sub / f"s{i:03d}.npy", rng.normal(size=4).astype(np.float32) + label)
+    if with_csv:
+        (root / "labels.csv").write_text("stem,label\n" + "".join(f"s{i:03d},{['a', 'b', 'c'][i % 3]}\n" for i in range(60)))
+    return root
+
+
+@pytest.mark.parametrize("with_csv", [False, True])
+def test_paired_folder_pairs_by_stem_with_labels_from_folders_or_csv(tmp_path, with_csv):
+    from fuselab.data.paired import paired_folder
+
+    root = _paired(tmp_path, with_csv)
+    b = paired_folder(root=str(root), seed=0)
+    assert b.forms == {"depth": "vector", "rgb": "map"} and b.dims == {"depth": 4, "rgb": 3}
+    assert b.num_classes == 3 and len(b.train) + len(b.val) + len(b.test) == 60
+    assert b.class_names == (["a", "b", "c"] if with_csv else ["class0", "class1", "class2"])
+    # pairing keeps labels consistent: the image brightness encodes the label
+    brightness = torch.cat([b.train.x["rgb"], b.test.x["rgb"]]).mean((1, 2, 3))
+    labels = torch.cat([b.train.y, b.test.y])
+    for k in range(3):
+        assert (brightness[labels == k] > (k * 80) / 255).all() and (brightness[labels == k] < (k * 80 + 60) / 255).all()
+
+
+def test_paired_folder_unpaired_file_is_one_clear_error(tmp_path):
+    from fuselab.data.paired import paired_folder
+
+    root = _paired(tmp_path, True)
+    np.save(root / "depth" / "extra.npy", np.zeros(4, dtype=np.float32))
+    with pytest.raises(ValueError, match="'depth/extra' has no partner"):
+        paired_folder(root=str(root))
