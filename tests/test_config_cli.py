@@ -25,7 +25,7 @@ def test_defaults_yaml_and_dotted_overrides(tmp_path):
     "overrides,message",
     [
         (["fusion.name=concta"], "unknown fusion 'concta'; did you mean 'concat'"),
-        (["model.name=mlp-stream"], "unknown model 'mlp-stream'; did you mean 'mlp-streams'?"),
+        (["model.name=mlp-stream"], "unknown model 'mlp-stream'; did you mean 'mlp-streams'"),
         (["data.name=mfet"], "unknown dataset 'mfet'; did you mean 'mfeat'?"),
         (["loss.terms=[{name: cee}]"], "unknown loss 'cee'; did you mean 'ce'?"),
         (["train.epochz=3"], "unknown config key 'train.epochz'; allowed: epochs, batch_size"),

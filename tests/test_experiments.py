@@ -234,3 +234,12 @@ def test_runs_list_delete_retry(tmp_path, capsys, finished):
     assert code == 0 and store.status(target) is None and not store.run_dir(target).exists()
     code, _, err = _cli(capsys, "runs", "list", "--store", str(tmp_path / "store"), "--status", "finished")
     assert code == 2 and "--status must be pending, running, done or failed" in err
+
+
+def test_keys_added_later_leave_old_run_ids_alone_at_their_neutral_values():
+    from fuselab.experiments.spec import NEUTRAL_DEFAULTS
+
+    base = make_config(None, ["fusion.name=sum"])
+    for key, neutral in NEUTRAL_DEFAULTS.items():
+        assert run_id(make_config(None, ["fusion.name=sum", f"{key}={neutral[0]}"])) == run_id(base)
+    assert run_id(make_config(None, ["fusion.name=sum", "train.strategy=ddp"])) != run_id(base)

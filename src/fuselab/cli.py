@@ -72,6 +72,10 @@ def run_cmd(
     plugin: Optional[list[str]] = PLUGIN_OPTION,
 ) -> None:
     """Train one model from a config and print its test metrics."""
+    import os
+
+    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("RANK", "0") != "0":
+        console.quiet = True  # in a multi-process run only rank 0 reports
     from fuselab.plugins import load_plugins
 
     load_plugins(plugin or [])
@@ -213,6 +217,77 @@ def _print_report(store: Path, experiment: str, **options) -> None:
                       f"{', network figure' if 'figure' in report.files else ''}){f', {html}' if html else ''}")
 
 
+@app.command("tune")
+def tune_cmd(
+    spec: str = typer.Argument(DEFAULT_SPEC, help="a shipped spec name or a path to a spec YAML with a search block"),
+    trials: Optional[int] = typer.Option(None, "--trials", "-n", help="finished trials per method (default: the spec's trials)"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna RDB URL (default: SQLite under the store)"),
+    store: Path = typer.Option(DEFAULT_STORE, "--store", "-s", help="result store folder"),
+    method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="tune only this method (repeatable)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="tuned spec to write (default: <store>/<spec>/tune/<spec>-tuned.yaml)"),
+    plugin: Optional[list[str]] = PLUGIN_OPTION,
+) -> None:
+    """Tune each method's search space with Optuna on validation; write the best configs as a spec."""
+    from fuselab.experiments.spec import load_spec
+    from fuselab.experiments.tune import default_storage, tune_spec, write_tuned_spec
+
+    sp = load_spec(spec, plugins=plugin or [])
+    if not sp.search:
+        from fuselab.train.config import ConfigError
+
+        raise ConfigError(f"spec '{sp.name}' has no search block; add e.g. search: {{train.lr: {{loguniform: [1.0e-4, 1.0e-2]}}}}")
+    url = storage or default_storage(store, sp.name)
+    n = trials or sp.trials
+    console.print(f"[bold]{sp.name}[/]: tuning {len(method or sp.methods)} methods, {n} trials each on validation "
+                  f"(seed {sp.seeds[0]}), {sp.direction} val {sp.metric}; storage {url}")
+
+    def on_trial(name: str, trial) -> None:
+        value = "pruned" if trial.value is None else f"{trial.value * 100:.2f}"
+        console.print(f"  {name} trial {trial.number}: {value} {trial.params}", highlight=False)
+
+    results = tune_spec(sp, trials=n, storage=url, store=store, methods=method or None, on_trial=on_trial)
+    table = Table(title=f"best on validation ({sp.metric})")
+    for col in ("method", "trials", "pruned", f"val {sp.metric}", "best values"):
+        table.add_column(col)
+    for r in results.values():
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.params.items())
+        table.add_row(r.method, str(r.trials), str(r.pruned), "–" if r.value != r.value else f"{r.value * 100:.2f}",
+                      shown or "(nothing to tune)")
+    console.print(table)
+    path = out or Path(store) / sp.name / "tune" / f"{sp.name}-tuned.yaml"
+    write_tuned_spec(sp, results, path)
+    console.print(f"tuned spec: {path}\nrun it over seeds: fuselab compare {path} --store {store}")
+
+
+@app.command("profile")
+def profile_cmd(
+    spec: str = typer.Argument(DEFAULT_SPEC, help="a shipped spec name or a path to a spec YAML"),
+    store: Path = typer.Option(DEFAULT_STORE, "--store", "-s", help="result store folder (profile written there)"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's)"),
+    repeat: int = typer.Option(50, "--repeat", help="timed forward passes per batch size"),
+    warmup: int = typer.Option(10, "--warmup", help="untimed forward passes first"),
+    method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="profile only this method (repeatable)"),
+    plugin: Optional[list[str]] = PLUGIN_OPTION,
+) -> None:
+    """Parameters, FLOPs per sample, latency (batch 1 and 64) and peak memory of each method of a spec."""
+    from fuselab.experiments.profile import profile_spec, write_profile
+    from fuselab.experiments.spec import load_spec
+
+    sp = load_spec(spec, plugins=plugin or [])
+    if repeat < 1 or warmup < 0:
+        from fuselab.train.config import ConfigError
+
+        raise ConfigError("--repeat must be at least 1 and --warmup at least 0")
+    frame = profile_spec(sp, store=store, device=device, threads=threads, repeat=repeat, warmup=warmup,
+                         methods=method or None,
+                         on_method=lambda p: console.print(f"  {p.method}: {p.params:,} params, "
+                                                           f"{p.latency_b1_ms:.3f} ms at batch 1", highlight=False))
+    files = write_profile(frame, store, sp.name)
+    console.print(files["markdown"].read_text(), markup=False, highlight=False)
+    console.print(f"profile: {files['csv']} (the comparison report of '{sp.name}' shows these columns)")
+
+
 @app.command("report")
 def report_cmd(
     experiment: str = typer.Argument(..., help="experiment name (the spec's name)"),
@@ -225,6 +300,49 @@ def report_cmd(
     from fuselab.report.i18n import check_lang
 
     _print_report(store, experiment, html=html, lang=check_lang(lang), pdf=True, flops=flops)
+
+
+@app.command("robustness")
+def robustness_cmd(
+    experiment: str = typer.Argument(..., help="experiment name (the spec's name)"),
+    store: Path = typer.Option(DEFAULT_STORE, "--store", "-s", help="result store folder"),
+    corruptions: str = typer.Option("noise,drop,missing", "--corruptions", help="comma-separated: noise, drop, missing"),
+    levels: str = typer.Option("0:1:0.1", "--levels", help="levels in [0, 1]: start:stop:step or a comma-separated list"),
+    missing: str = typer.Option("auto", "--missing", help="a missing modality: auto (left out where the merge supports it, else zeros) | zeros"),
+    noise_scale: float = typer.Option(1.0, "--noise-scale", help="noise std at level 1, in units of the modality's std"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | auto"),
+    force: bool = typer.Option(False, "--force", help="evaluate again runs whose curves are up to date"),
+) -> None:
+    """Evaluate each run's best checkpoint with one modality corrupted at a time: curves, relative and
+    effective robustness per method (written to the run folders and <store>/<experiment>/report/robustness.md)."""
+    import numpy as np
+
+    from fuselab.experiments.robustness import RobustnessSettings, run_robustness
+    from fuselab.train.config import ConfigError
+
+    try:
+        if ":" in levels:
+            start, stop, step = (float(v) for v in levels.split(":"))
+            grid = tuple(round(float(v), 6) for v in np.arange(start, stop + step / 2, step))
+        else:
+            grid = tuple(float(v) for v in levels.split(","))
+    except ValueError:
+        raise ConfigError(f"--levels '{levels}' must be start:stop:step or a comma-separated list of numbers") from None
+    settings = RobustnessSettings(levels=grid, corruptions=tuple(c.strip() for c in corruptions.split(",") if c.strip()),
+                                  missing=missing, noise_scale=noise_scale, device=device)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=errors, transient=True) as progress:
+        task = progress.add_task("robustness", total=None)
+
+        def on_run(run, status: str) -> None:
+            progress.update(task, advance=1, description=f"{run['method']} seed {run['seed']}: {status}")
+
+        result = run_robustness(store, experiment, settings, force=force, on_run=on_run)
+    console.print(result.markdown, markup=False, highlight=False)
+    for e in result.errors:
+        console.print(f"[red]not evaluated[/]: {e['method']} (seed {e['seed']}): {e['error']}", highlight=False)
+    console.print(f"{result.evaluated} runs evaluated, {result.cached} up to date; "
+                  f"tables: {result.files['markdown']}, {result.files['csv']}; curves: runs/<id>/robustness.csv")
 
 
 @app.command("figure")

@@ -29,6 +29,29 @@ def cross_entropy(*, label_smoothing: float = 0.0) -> LossTerm:
     return term
 
 
+@LOSSES.register("dense-ce")
+def dense_cross_entropy(*, ignore_index: int = -100, class_weights: list[float] | None = None,
+                        label_smoothing: float = 0.0) -> LossTerm:
+    """Cross-entropy of per-pixel logits (B, K, H, W) against a label map (B, H, W), averaged over the
+    labelled pixels only: pixels labelled ``ignore_index`` (unlabelled) contribute nothing, whatever the
+    logits there; a batch without labelled pixels gives 0 (not NaN). ``class_weights`` weigh the classes
+    (as in ``F.cross_entropy``, the mean is then weighted too)."""
+
+    def term(output: ModelOutput, target: Tensor) -> Tensor:
+        logits = output.logits
+        weight = None if class_weights is None else torch.as_tensor(class_weights, dtype=logits.dtype, device=logits.device)
+        per_pixel = F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index, reduction="none",
+                                    label_smoothing=label_smoothing)
+        keep = target != ignore_index
+        if weight is None:
+            denominator = keep.sum()
+        else:
+            denominator = weight[target.clamp_min(0)].masked_fill(~keep, 0).sum()
+        return per_pixel.sum() / denominator.clamp_min(1)
+
+    return term
+
+
 @LOSSES.register("focal")
 def focal(*, gamma: float = 2.0) -> LossTerm:
     """Focal loss (Lin et al., ICCV 2017): ``-(1 - p_t)^gamma log p_t``, averaged over samples."""
@@ -95,5 +118,9 @@ class WeightedLoss:
 
     def __call__(self, output: ModelOutput, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         values = {name: fn(output, target) for name, _, fn in self.terms}
-        total = sum(w * values[name] for name, w, _ in self.terms)
+        total: Tensor | None = None
+        for name, w, _ in self.terms:  # no multiplication by 1 and no 0 + ... : each op costs in a small step
+            term = values[name] if w == 1.0 else w * values[name]
+            total = term if total is None else total + term
+        assert total is not None
         return total, values

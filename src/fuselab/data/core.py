@@ -22,6 +22,9 @@ class ModalTensors:
 
     x: dict[str, Tensor]
     y: Tensor
+    # "dihedral": shuffled (training) batches of maps get one random rotation by k * 90 degrees and flip per
+    # batch, applied alike to every modality and the label map; None: no augmentation
+    augment: str | None = None
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -30,7 +33,7 @@ class ModalTensors:
         return {m: v[index] for m, v in self.x.items()}, self.y[index]
 
     def to(self, device: torch.device | str) -> "ModalTensors":
-        return ModalTensors({m: v.to(device) for m, v in self.x.items()}, self.y.to(device))
+        return ModalTensors({m: v.to(device) for m, v in self.x.items()}, self.y.to(device), self.augment)
 
     def batches(
         self, batch_size: int, *, generator: torch.Generator | None = None, shuffle: bool = False
@@ -39,7 +42,19 @@ class ModalTensors:
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         order = order.to(self.y.device)
         for start in range(0, n, batch_size):
-            yield self.take(order[start : start + batch_size])
+            if self.augment is not None and shuffle:
+                x, y = self.take(order[start : start + batch_size])
+                k = int(torch.randint(8, (1,), generator=generator))
+                yield {m: dihedral(v, k) for m, v in x.items()}, dihedral(y, k)
+            else:
+                yield self.take(order[start : start + batch_size])
+
+
+def dihedral(x: Tensor, k: int) -> Tensor:
+    """The k-th of the 8 rotations / flips of the last two (spatial) axes: rotation by (k mod 4) * 90 degrees,
+    then a flip of the last axis for k >= 4."""
+    x = torch.rot90(x, k % 4, dims=(-2, -1)) if k % 4 else x
+    return x.flip(-1) if k >= 4 else x
 
 
 @dataclasses.dataclass
@@ -53,6 +68,12 @@ class DataBundle:
     num_classes: int
     forms: dict[str, str]  # "vector" | "tokens" | "map" per modality
     class_names: list[str] | None = None
+    # "classification" (labels (N,)), "change-detection" or "segmentation" (label maps (N, H, W) in which
+    # IGNORE_INDEX marks unlabelled pixels); it picks the metric set (``fuselab.metrics``) and the head
+    task: str = "classification"
+    # cross-validation: one bundle per fold (every labelled sample tested once); a run trains each fold and
+    # pools the test predictions. None for a single split.
+    folds: list["DataBundle"] | None = None
 
     @property
     def modalities(self) -> list[str]:
@@ -60,6 +81,10 @@ class DataBundle:
 
     def to(self, device: torch.device | str) -> "DataBundle":
         return dataclasses.replace(self, train=self.train.to(device), val=self.val.to(device), test=self.test.to(device))
+
+
+IGNORE_INDEX = -100  # label of an unlabelled pixel (PyTorch's cross-entropy default ``ignore_index``)
+TASKS = ("classification", "change-detection", "segmentation")
 
 
 def stratified_split(

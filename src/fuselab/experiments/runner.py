@@ -64,6 +64,7 @@ def train_one(store_root: str, run_id: str, method: str, seed: int, config: dict
 
     try:
         result = execute(cfg, staging, on_epoch=beat, resumable=True)
+        result.metrics["flops"] = record_flops(cfg, staging)
         store.publish(run_id, staging)
         store.finish(run_id, result.metrics)
         return Outcome(run_id, method, seed, "done", metrics=result.metrics)
@@ -74,10 +75,56 @@ def train_one(store_root: str, run_id: str, method: str, seed: int, config: dict
         return Outcome(run_id, method, seed, "failed", error=message)
 
 
-def prepare(spec: Spec, store: Store) -> list[PlannedRun]:
-    """Check everything, then record the plan in the store (nothing is written when a check fails)."""
+_FLOPS: dict[str, float | None] = {}  # FLOPs per sample per model config, counted once per process
+_FLOPS_DATA: dict[str, Any] = {}  # the last dataset built for counting
+
+
+def record_flops(cfg: Any, run_dir: Any = None) -> float | None:
+    """FLOPs per sample of a run's model (``report.plots.flops_per_sample``, attention counted), counted once
+    per model config in this process and written to ``<run_dir>/flops.json`` and its ``metrics.json``;
+    None when the model cannot be counted (a run never fails for it)."""
+    import json
+    from pathlib import Path
+
+    from fuselab.report.plots import flops_per_sample
+    from fuselab.train.run import build_data
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    key = json.dumps({k: container.get(k) for k in ("data", "model", "fusion", "exchange", "loss")}, sort_keys=True, default=str)
+    if key not in _FLOPS:
+        try:
+            data_key = json.dumps(container.get("data"), sort_keys=True, default=str)
+            if data_key not in _FLOPS_DATA:  # the split's seed does not change the count
+                _FLOPS_DATA.clear()
+                _FLOPS_DATA[data_key] = build_data(cfg)
+            _FLOPS[key] = float(flops_per_sample(cfg, _FLOPS_DATA[data_key]))
+        except Exception:  # noqa: BLE001 - a model the counter cannot trace still trains and reports
+            _FLOPS[key] = None
+    flops = _FLOPS[key]
+    if run_dir is not None and flops is not None:
+        folder = Path(run_dir)
+        (folder / "flops.json").write_text(json.dumps({"flops_per_sample": flops, "counter": "torch.utils.flop_counter", "mode": "eval"}))
+        metrics_file = folder / "metrics.json"
+        if metrics_file.is_file():
+            metrics = json.loads(metrics_file.read_text())
+            metrics["flops"] = flops
+            metrics_file.write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))
+    return flops
+
+
+def prepare(spec: Spec, store: Store, *, on_trial: Callable[[str, Any], None] | None = None) -> list[PlannedRun]:
+    """Check everything, then record the plan in the store (nothing is written when a check fails).
+
+    Under ``budget: equal-trials`` each method is first tuned on validation with ``spec.trials`` trials
+    (Optuna, SQLite under ``<store>/<experiment>/tune/``; resumed if interrupted) and its runs carry the best
+    values found."""
     store.check_writable()
     plan = spec.plan()
+    if spec.budget == "equal-trials":
+        from fuselab.experiments.tune import apply_equal_trials
+
+        apply_equal_trials(spec, store.root, on_trial=on_trial)
+        plan = spec.plan()
     store.init()
     store.register_experiment(
         spec.name, spec.source, spec.baseline, spec.metric,

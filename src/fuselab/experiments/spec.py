@@ -19,12 +19,22 @@ from omegaconf import DictConfig, OmegaConf
 
 from fuselab.train.config import ConfigError, make_config, read_yaml
 
-SPEC_KEYS = ("name", "description", "base", "grid", "variants", "seeds", "baseline", "metric", "plugins")
+SPEC_KEYS = ("name", "description", "base", "grid", "variants", "seeds", "baseline", "metric", "plugins",
+             "search", "direction", "budget", "match_params", "trials")
+BUDGETS = ("equal-epochs", "equal-trials")
 METRICS = ("accuracy", "macro_f1")
 # execution details: they change how a run executes, not what it computes, so they are not in its id
 EXECUTION_KEYS = (
     "train.threads", "train.tensorboard", "train.checkpoint", "train.eval_batch_size", "train.checkpoint_every",
 )
+
+# config keys added after runs were first stored, with the values that mean "as before they existed": at
+# those values they are left out of the run id, so adding a key never invalidates a store's finished runs
+NEUTRAL_DEFAULTS: dict[str, tuple[Any, ...]] = {
+    "train.modality_dropout": (0, 0.0, None, {}),
+    "train.num_nodes": (1,),
+    "train.strategy": ("auto",),
+}
 
 
 @dataclasses.dataclass
@@ -52,17 +62,43 @@ class Spec:
     description: str = ""
     source: dict[str, Any] = dataclasses.field(default_factory=dict)  # the spec as written
     plugins: list[str] = dataclasses.field(default_factory=list)  # resolved plugin paths / module names
+    # tuning and fair comparisons (fuselab.experiments.tune / fairness)
+    search: dict[str, Any] = dataclasses.field(default_factory=dict)  # dotted key -> {loguniform: [lo, hi]} ...
+    direction: str = "maximize"  # of the validation metric while tuning
+    budget: str = "equal-epochs"  # or equal-trials: each method tuned with ``trials`` trials before its seeds
+    match_params: bool = False  # scale each method's width to the baseline's parameter count (within 5 %)
+    trials: int = 20  # trials per method under budget equal-trials
+    tuned: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # method -> best overrides
+    matched: dict[str, dict[str, Any]] | None = None  # method -> width override, filled on first use
+
+    def method_overrides(self, name: str) -> dict[str, Any]:
+        """A method's overrides of the base: its own, then its matched width, then its tuned values."""
+        method = next((m for m in self.methods if m.name == name), None)
+        if method is None:
+            raise ConfigError(f"spec '{self.name}' has no method '{name}'; methods are: "
+                              f"{', '.join(m.name for m in self.methods)}")
+        if self.match_params and self.matched is None:
+            from fuselab.experiments.fairness import match_widths
+
+            self.matched = match_widths(self)
+        return {**method.overrides, **(self.matched or {}).get(name, {}), **self.tuned.get(name, {})}
 
     def plan(self) -> list[PlannedRun]:
         """Every (method, seed) run with its resolved config, checked before anything runs."""
         runs = []
         for method in self.methods:
+            chosen = self.method_overrides(method.name)
             for seed in self.seeds:
-                overrides = [f"{k}={_dot_value(v)}" for k, v in method.overrides.items()] + [f"seed={seed}"]
+                overrides = [f"{k}={_dot_value(v)}" for k, v in chosen.items()] + [f"seed={seed}"]
                 try:
                     cfg = make_config(self.base, overrides)
                 except ConfigError as exc:
                     raise ConfigError(f"spec '{self.name}', method '{method.name}': {exc}") from None
+                if cfg.train.devices > 1 or cfg.train.num_nodes > 1:
+                    raise ConfigError(
+                        f"spec '{self.name}', method '{method.name}': train.devices/num_nodes > 1 spread one run over "
+                        "several devices; launch it with `fuselab run` (torchrun or SLURM), compare trains one device per run"
+                    )
                 runs.append(PlannedRun(run_id(cfg), method.name, seed, cfg))
         return runs
 
@@ -88,6 +124,10 @@ def run_id(cfg: DictConfig) -> str:
     for key in EXECUTION_KEYS:
         section, leaf = key.split(".")
         container.get(section, {}).pop(leaf, None)
+    for key, neutral in NEUTRAL_DEFAULTS.items():  # keys added later hash only when set, so stores keep their cache
+        section, leaf = key.split(".")
+        if leaf in container.get(section, {}) and container[section][leaf] in neutral:
+            del container[section][leaf]
     blob = json.dumps(container, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -178,7 +218,37 @@ def parse_spec(
     if metric not in METRICS:
         raise ConfigError(f"spec key 'metric' must be one of {', '.join(METRICS)}, got '{metric}'")
     baseline = _resolve_baseline(raw.get("baseline"), methods, name)
-    return Spec(name, base, methods, list(seeds), baseline, metric, str(raw.get("description", "")), raw, resolved)
+    spec = Spec(name, base, methods, list(seeds), baseline, metric, str(raw.get("description", "")), raw, resolved,
+                **_fairness_options(raw, name))
+    if spec.search:
+        from fuselab.experiments.tune import check_space
+
+        check_space(spec)  # every search key must be a config key of at least one method
+    return spec
+
+
+def _fairness_options(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    """The tuning and fair-comparison keys of a spec, checked."""
+    from fuselab.experiments.tune import parse_space
+
+    search = raw.get("search") or {}
+    parse_space(search)  # raises a ConfigError naming the bad entry
+    direction = str(raw.get("direction", "maximize"))
+    if direction not in ("maximize", "minimize"):
+        raise ConfigError(f"spec key 'direction' must be maximize or minimize, got '{direction}'")
+    budget = str(raw.get("budget", "equal-epochs"))
+    if budget not in BUDGETS:
+        raise ConfigError(f"spec key 'budget' must be one of {', '.join(BUDGETS)}, got '{budget}'")
+    if budget == "equal-trials" and not search:
+        raise ConfigError(f"spec '{name}' has budget equal-trials but no search block; add e.g. "
+                          "search: {train.lr: {loguniform: [1.0e-4, 1.0e-2]}}")
+    match_params = raw.get("match_params", False)
+    if not isinstance(match_params, bool):
+        raise ConfigError(f"spec key 'match_params' must be true or false, got {match_params!r}")
+    trials = raw.get("trials", 20)
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+        raise ConfigError(f"spec key 'trials' must be a positive integer, got {trials!r}")
+    return {"search": search, "direction": direction, "budget": budget, "match_params": match_params, "trials": trials}
 
 
 def _plugin_key(source: str, base_dir: Path | None) -> str:

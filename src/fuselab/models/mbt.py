@@ -41,10 +41,10 @@ from fuselab.layers.tokenizers import (
     TokenStem,
 )
 from fuselab.layers.transformer import transformer_blocks
-from fuselab.models.multistream import MultiStream, PerModality, StreamSequence
+from fuselab.models.multistream import MultiStream, PerModality, SingleStream, StreamSequence
 from fuselab.registry import FUSIONS, MODELS
 
-TOKENIZERS = ("feature", "patch", "spectrogram")
+TOKENIZERS = ("feature", "patch", "spectrogram", "auto")
 CLASSIFIERS = ("token", "gap")
 
 
@@ -65,6 +65,22 @@ def make_tokenizer(
         raise ValueError(f"model.tokenizer=spectrogram needs (frames, bins) inputs, got shape {shape}")
     frames, bins = shape
     return SpectrogramTokenizer(dim=width, frames=frames, bins=bins, patch_size=patch_size, stride=patch_stride)
+
+
+def per_modality(value: Any, modalities: Sequence[str], default: Any) -> dict[str, Any]:
+    """A model option given once for all modalities, or as ``{modality: value}``: a modality it does not name
+    takes ``default``, and names of modalities the data does not have are ignored (one config serves
+    unimodal and fused runs)."""
+    if not isinstance(value, Mapping):
+        return {m: value for m in modalities}
+    return {m: value.get(m, default) for m in modalities}
+
+
+def auto_tokenizer(shape: int | Sequence[int]) -> str:
+    """``feature`` for a vector width, ``patch`` for (C, H, W), ``spectrogram`` for (T, F)."""
+    if isinstance(shape, int):
+        return "feature"
+    return "patch" if len(shape) == 3 else "spectrogram"
 
 
 def check_fusion_layer(fusion_layer: int, layers: int) -> None:
@@ -90,10 +106,10 @@ def mbt(
     n_bottlenecks: int = 4,
     classifier: str = "token",
     shared_weights: bool = False,
-    tokenizer: str = "feature",
+    tokenizer: str | dict[str, str] = "feature",
     features_per_token: int = 1,
-    patch_size: int = 16,
-    patch_stride: int = 10,
+    patch_size: int | dict[str, int] = 16,
+    patch_stride: int | dict[str, int] = 10,
     dropout: float = 0.0,
     attn_dropout: float = 0.0,
     drop_path: float = 0.0,
@@ -116,10 +132,16 @@ def mbt(
         classifier: ``token`` (per-modality class token) or ``gap`` (mean over the modality's tokens).
         shared_weights: one set of transformer blocks for all modalities (scenic's ``share_encoder``); the
             tokenizers stay per modality.
-        tokenizer: ``feature`` (FT-Transformer, vectors), ``patch`` (ViT, images), ``spectrogram`` (AST).
+        tokenizer: ``feature`` (FT-Transformer, vectors), ``patch`` (ViT, images), ``spectrogram`` (AST),
+            ``auto`` (by input shape: a width, (C, H, W) or (T, F)), or ``{modality: kind}`` (per-modality
+            options default to the single-value default for a modality they do not name).
         features_per_token: features grouped into one token by the feature tokenizer (1 = FT-Transformer).
-        patch_size: patch side of the patch / spectrogram tokenizers.
-        patch_stride: patch step of the spectrogram tokenizer (AST: 10).
+        patch_size: patch side of the patch / spectrogram tokenizers (one value, or ``{modality: size}``).
+        patch_stride: patch step of the spectrogram tokenizer (AST: 10; one value, or ``{modality: step}``).
+
+    With one modality (``data.modalities: [image]``) the model is that stream alone, a unimodal baseline:
+    no exchange and no merge (the ``fusion`` and ``exchange`` sections are ignored), a linear head on the
+    pooled stream.
         dropout: dropout on embeddings, attention outputs and MLPs.
         attn_dropout: dropout on attention probabilities.
         drop_path: stochastic depth, growing linearly over the blocks to this rate.
@@ -132,11 +154,19 @@ def mbt(
     check_fusion_layer(fusion_layer, layers)
     if classifier not in CLASSIFIERS:
         raise ValueError(f"model.classifier must be one of {', '.join(CLASSIFIERS)}, got {classifier!r}")
-    if tokenizer not in TOKENIZERS:
-        raise ValueError(f"model.tokenizer must be one of {', '.join(TOKENIZERS)}, got {tokenizer!r}")
-    if len(dims) < 2:
-        raise ValueError(f"mbt needs at least 2 modalities, got {len(dims)}")
+    if len(dims) < 1:
+        raise ValueError("mbt needs at least 1 modality, got none")
     modalities = sorted(dims)
+    tokenizers = per_modality(tokenizer, modalities, "feature")
+    for m, kind in tokenizers.items():
+        if kind not in TOKENIZERS:
+            raise ValueError(f"model.tokenizer must be one of {', '.join(TOKENIZERS)}, got {kind!r}")
+        tokenizers[m] = auto_tokenizer(dims[m]) if kind == "auto" else kind
+    patch_sizes = per_modality(patch_size, modalities, 16)
+    patch_strides = per_modality(patch_stride, modalities, 10)
+    unimodal = len(modalities) == 1
+    if unimodal:
+        fusion_layer = layers  # every block is the stream's own; nothing to exchange with
     exchange = dict(exchange or {"name": "bottleneck"})
     exchange_name = exchange.pop("name")
     info = api.fusion_info(exchange_name)
@@ -152,8 +182,8 @@ def mbt(
     blocks = {m: shared if shared_weights else transformer_blocks(depth=layers, **block_options) for m in modalities}
     encoders = {}
     for m in modalities:
-        tok = make_tokenizer(tokenizer, dims[m], width=width, features_per_token=features_per_token,
-                             patch_size=patch_size, patch_stride=patch_stride)
+        tok = make_tokenizer(tokenizers[m], dims[m], width=width, features_per_token=features_per_token,
+                             patch_size=patch_sizes[m], patch_stride=patch_strides[m])
         stem = TokenStem(tok, dim=width, class_token=classifier == "token", dropout=dropout)
         encoders[m] = nn.Sequential(stem, *blocks[m][:fusion_layer])
 
@@ -179,10 +209,13 @@ def mbt(
 
     fusion = dict(fusion)
     name = fusion.pop("name")
-    produces_logits = api.fusion_info(name).produces_logits
+    produces_logits = api.fusion_info(name).produces_logits and not unimodal
     if produces_logits:
         fusion["out_dim"] = num_classes
-    merge = api.create_fusion(name, dims={m: width for m in modalities}, **fusion)
+    if unimodal:
+        merge = SingleStream({modalities[0]: width})
+    else:
+        merge = api.create_fusion(name, dims={m: width for m in modalities}, **fusion)
     head = None if produces_logits else nn.Sequential(nn.Dropout(dropout), nn.Linear(merge.out_dim, num_classes))
     heads_per_modality = {m: nn.Linear(width, num_classes) for m in modalities} if modality_heads else None
     return MultiStream(encoders=encoders, exchange=exchange_module, pool=pool, merge=merge, head=head,

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 import fuselab.api as api
-from fuselab.models.multistream import MultiStream, resolve_fuse_at
+from fuselab.models.multistream import MultiStream, SingleStream, resolve_fuse_at
 from fuselab.registry import MODELS
 
 NORMS = {"layer": nn.LayerNorm, "batch": nn.BatchNorm1d, "none": None}
@@ -56,7 +56,8 @@ def mlp_streams(
     fusion = dict(fusion)
     name = fusion.pop("name")
     at = resolve_fuse_at(fuse_at, layers)
-    produces_logits = api.fusion_info(name).produces_logits
+    unimodal = len(dims) == 1  # a unimodal baseline: no merge, the fusion section is ignored
+    produces_logits = api.fusion_info(name).produces_logits and not unimodal
     if produces_logits:
         if at != layers - 1:
             raise ValueError(f"fusion '{name}' merges logits; use it with model.fuse_at=last")
@@ -67,7 +68,7 @@ def mlp_streams(
         stages = [mlp_stage(d if s == 0 else hidden, hidden, norm=norm, dropout=dropout) for s in range(at + 1)]
         encoders[m] = nn.Sequential(*stages) if stages else nn.Identity()
         stream_dims[m] = hidden if stages else d
-    merge = api.create_fusion(name, dims=stream_dims, **fusion)
+    merge = SingleStream(stream_dims) if unimodal else api.create_fusion(name, dims=stream_dims, **fusion)
     trunk_stages = [
         mlp_stage(merge.out_dim if s == at + 1 else hidden, hidden, norm=norm, dropout=dropout)
         for s in range(at + 1, layers)

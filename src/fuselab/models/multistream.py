@@ -10,8 +10,11 @@ over tokens) -> ``merge`` -> ``trunk`` -> ``head``.
 ``fuse_at``:
 - ``"early"``: merge the inputs, then every stage runs once on the fused input (a shared trunk);
 - an integer ``k``: merge the stage-k outputs, the remaining stages run as a shared trunk;
-- ``"last"`` (default): merge the final stage outputs, then the head.
-A merge that produces logits (``late``) replaces the head.
+- ``"last"`` (default): merge the final stage outputs, then the head;
+- a list of stages or ``"all"``: multi-scale; the streams continue separately, a merge at each listed stage
+  (``MultiScaleMerge``), and a ``neck`` aggregates the fused maps for the head.
+A merge that produces logits (``late``) replaces the head. A head with ``dense = True`` is given the input's
+spatial size, so that its per-pixel logits match the input.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 
-from fuselab.fusion.base import Merge
+from fuselab.fusion.base import FusionBase, Merge, check_dims
 from fuselab.models.output import ModelOutput
 
 
@@ -37,6 +40,20 @@ def resolve_fuse_at(fuse_at: str | int, n_stages: int) -> int:
     raise ValueError(
         f"model.fuse_at must be 'early', 'last' or a stage index 0..{n_stages - 1}, got {fuse_at!r}"
     )
+
+
+def resolve_fuse_stages(fuse_at: str | int | Sequence[int], n_stages: int) -> list[int] | None:
+    """The stages merged by a multi-scale fusion (sorted), or None where ``fuse_at`` names a single point."""
+    if fuse_at == "all":
+        return list(range(n_stages))
+    if isinstance(fuse_at, (str, int)):
+        return None
+    stages = list(fuse_at)
+    if not stages or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < n_stages for s in stages):
+        raise ValueError(f"model.fuse_at as a list must hold stage indices 0..{n_stages - 1}, got {stages}")
+    if len(set(stages)) != len(stages):
+        raise ValueError(f"model.fuse_at lists a stage twice: {stages}")
+    return sorted(stages)
 
 
 class PerModality(nn.Module):
@@ -64,6 +81,31 @@ class StreamSequence(nn.Module):
         return xs
 
 
+class MultiScaleMerge(nn.Module):
+    """Merges at several stages: runs the streams' stages one after another (each a ``{m: x_m} -> {m: x'_m}``
+    step, exchanges included) and merges the outputs of the listed stages, each with its own Merge.
+
+    Returns the fused maps of the listed stages, earliest (finest) first, for a neck.
+    """
+
+    produces_logits = False
+    supports_missing = False
+
+    def __init__(self, steps: Sequence[nn.Module], merges: Mapping[int, Merge]) -> None:
+        super().__init__()
+        self.steps = nn.ModuleList(steps[: max(merges) + 1])
+        self.merges = nn.ModuleDict({str(s): merges[s] for s in sorted(merges)})
+        self.out_dims = [merges[s].out_dim for s in sorted(merges)]
+
+    def forward(self, inputs: Mapping[str, Tensor]) -> list[Tensor]:
+        xs, fused = dict(inputs), []
+        for s, step in enumerate(self.steps):
+            xs = step(xs)
+            if str(s) in self.merges:
+                fused.append(self.merges[str(s)](xs))
+        return fused
+
+
 class MultiStream(nn.Module):
     """Generic multi-stream model.
 
@@ -73,7 +115,8 @@ class MultiStream(nn.Module):
             standalone or wrapping the streams' later layers, or a ``StreamSequence``).
         pool: optional per-modality module run after the exchange, before the merge (e.g. class-token or mean
             pooling of tokens to a vector).
-        merge: a Merge operator over the modalities' outputs at the fusion point.
+        merge: a Merge operator over the modalities' outputs at the fusion point (or a ``MultiScaleMerge``).
+        neck: optional module between the merge and the trunk (``fuselab.models.necks``: FPN, ASPP, PPM).
         trunk: the stages that run on the fused features (empty when fusing at the last stage).
         head: maps the fused (trunk) features to logits; None when the merge produces logits.
         modality_heads: optional per-modality heads on each stream's fusion-point output (for the
@@ -90,6 +133,7 @@ class MultiStream(nn.Module):
         modality_heads: Mapping[str, nn.Module] | None = None,
         exchange: nn.Module | None = None,
         pool: Mapping[str, nn.Module] | None = None,
+        neck: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if merge.produces_logits and head is not None:
@@ -101,11 +145,15 @@ class MultiStream(nn.Module):
         self.exchange = exchange
         self.pool = nn.ModuleDict(dict(pool)) if pool else None
         self.merge = merge
+        self.neck = neck
         self.trunk = trunk if trunk is not None else nn.Identity()
         self.head = head
         self.modality_heads = nn.ModuleDict(dict(modality_heads)) if modality_heads else None
         # modules with auxiliary losses, found once (walking the module tree every step costs time)
-        self._aux_modules = [(n, m) for n, m in self.named_modules() if m is not self and hasattr(m, "aux_losses")]
+        self._aux_modules = [
+            (n, m) for n, m in self.named_modules()
+            if m is not self and hasattr(m, "aux_losses") and getattr(type(m), "aux_losses", None) is not FusionBase.aux_losses
+        ]  # only modules that define their own aux_losses (the base one returns nothing)
 
     def forward(self, inputs: Mapping[str, Tensor]) -> ModelOutput:
         missing = [m for m in self.modalities if m not in inputs]
@@ -125,8 +173,12 @@ class MultiStream(nn.Module):
             features = None
             modality_logits = per_modality if modality_logits is None else modality_logits
         else:
-            features = self.trunk(self.merge(streams))
-            logits = self.head(features)
+            fused = self.merge(streams)
+            features = self.trunk(self.neck(fused) if self.neck is not None else fused)
+            if getattr(self.head, "dense", False):  # per-pixel logits at the input's size
+                logits = self.head(features, size=next(iter(inputs.values())).shape[-2:])
+            else:
+                logits = self.head(features)
         return ModelOutput(logits=logits, modality_logits=modality_logits, features=features, aux_losses=self.collect_aux())
 
     def collect_aux(self) -> dict[str, Tensor]:
@@ -136,3 +188,24 @@ class MultiStream(nn.Module):
             for key, value in module.aux_losses().items():
                 out[f"{name}.{key}"] = value
         return out
+
+
+class SingleStream(Merge):
+    """The merge of a one-modality model (a unimodal baseline): the only stream passes through, nothing is
+    fused. Builders use it when the data has one modality; the ``fusion`` and ``exchange`` sections are then
+    ignored, so one spec can hold unimodal and fused methods (``data.modalities: [image]``)."""
+
+    forms = ("vector", "tokens", "map")
+    multimodal_rule = "exactly one modality: no fusion"
+    natural_out_dim = "the width of the stream"
+
+    def __init__(self, dims: Mapping[str, int], out_dim: int | None = None) -> None:
+        nn.Module.__init__(self)
+        self.dims = check_dims(dims, "SingleStream", minimum=1)
+        if len(self.dims) != 1:
+            raise ValueError(f"SingleStream takes exactly one modality, got {sorted(self.dims)}")
+        self.modalities = sorted(self.dims)
+        self.out_dim = next(iter(self.dims.values()))
+
+    def merge(self, xs: dict[str, Tensor]) -> Tensor:
+        return xs[self.modalities[0]]

@@ -38,7 +38,27 @@ def _caption(experiment: str, spec: dict, seeds: list[int], lang: str = "en") ->
     data = (base.get("data") or {}).get("name", "mfeat")
     epochs = (base.get("train") or {}).get("epochs")
     budget = text("budget_epochs", lang, epochs=epochs) if epochs else text("budget_equal", lang)
+    budget += _fairness_mode(spec, lang)
     return text("caption", lang, experiment=experiment, data=data, n=len(seeds), seeds=", ".join(map(str, seeds)), budget=budget)
+
+
+_MODES = {
+    "equal-trials": {"en": ", each method tuned with {trials} Optuna trials on validation",
+                     "zh": "，每种方法在验证集上以 {trials} 次 Optuna 试验调参"},
+    "match_params": {"en": "; parameters matched to the baseline's within 5 %",
+                     "zh": "；参数量与基线相差不超过 5 %"},
+}
+
+
+def _fairness_mode(spec: dict, lang: str) -> str:
+    """The fair-comparison mode of a spec as it reads after the budget in the caption."""
+    lang = lang if lang in ("en", "zh") else "en"
+    out = ""
+    if spec.get("budget") == "equal-trials":
+        out += _MODES["equal-trials"][lang].format(trials=spec.get("trials", 20))
+    if spec.get("match_params"):
+        out += _MODES["match_params"][lang]
+    return out
 
 
 def _localize_markdown(markdown: str, lang: str, baseline: str, n: int, alpha: str) -> str:
@@ -62,6 +82,36 @@ def _localize_markdown(markdown: str, lang: str, baseline: str, n: int, alpha: s
             line = text("md_marks", lang, alpha=alpha, n=n)
         out.append(line)
     return "\n".join(out)
+
+
+def _task_columns(frame: pd.DataFrame) -> tuple[pd.DataFrame, tuple[str, ...]]:
+    """The table's metrics from the columns present: accuracy, kappa, f1_change for change detection,
+    accuracy, miou for segmentation, accuracy, macro_f1 otherwise (test metrics, ``test_`` prefix dropped)."""
+    for metrics in (("accuracy", "kappa", "f1_change"), ("accuracy", "miou")):
+        extra = [m for m in metrics[1:] if f"test_{m}" in frame.columns]
+        if len(extra) == len(metrics) - 1 and frame[[f"test_{m}" for m in extra]].notna().all().all():
+            return frame.rename(columns={f"test_{m}": m for m in extra}), metrics
+    return frame, ("accuracy", "macro_f1")
+
+
+def _with_profile(summary: pd.DataFrame, store: str | Path, experiment: str) -> pd.DataFrame:
+    """The summary with the latency and memory columns of ``fuselab profile`` (and its FLOPs where the runs
+    have none), when the experiment has been profiled."""
+    from fuselab.experiments.profile import load_profile
+
+    profile = load_profile(store, experiment)
+    if profile is None or "method" not in profile:
+        return summary
+    attrs = dict(summary.attrs)
+    by_method = profile.drop_duplicates("method").set_index("method")
+    out = summary.copy()
+    for col in ("flops", "latency_b1_ms", "latency_b64_ms", "peak_mem_mb"):
+        if col not in by_method:
+            continue
+        values = out["method"].map(by_method[col])
+        out[col] = out[col].fillna(values) if col in out else values
+    out.attrs.update(attrs)
+    return out
 
 
 def _environments(frame: pd.DataFrame) -> list[dict]:
@@ -107,7 +157,9 @@ def build_report(store: str | Path, experiment: str, *, lang: str = "en", plots:
         raise ConfigError(f"experiment '{experiment}' has no finished runs yet; run `fuselab compare {experiment}`")
     if info["baseline"] not in set(frame["method"]):
         raise ConfigError(f"the baseline '{info['baseline']}' of '{experiment}' has no finished run yet")
-    summary = summarize(frame, baseline=info["baseline"], metrics=("accuracy", "macro_f1"), primary=info["metric"])
+    frame, metrics = _task_columns(frame)
+    summary = summarize(frame, baseline=info["baseline"], metrics=metrics, primary=info["metric"])
+    summary = _with_profile(summary, store, experiment)
     seeds = sorted(frame["seed"].unique().tolist())
     caption = _caption(experiment, info["spec"], seeds)
     n_compared = int((summary["method"] != info["baseline"]).sum())
@@ -146,6 +198,13 @@ def build_report(store: str | Path, experiment: str, *, lang: str = "en", plots:
         sections += [f"## {text('plots', lang)}", ""]
         for name, plot in written_plots.items():
             sections += [f"![{name}](plots/{name}.png)", "", f"*{plot['caption']}*", ""]
+    from fuselab.experiments.robustness import report_section
+
+    robust_lines, robust_files = report_section(frame, info["baseline"], out, order=list(summary["method"]),
+                                                heading=text("robustness", lang), plots=plots, lang=lang,
+                                                formats=("png", "pdf") if pdf else ("png",))
+    sections += robust_lines
+    files.update(robust_files)
     if network is not None:
         sections += [f"## {text('network', lang)}", "", "![network](network.svg)", "", f"*{figure_caption}*", ""]
     files["report"] = out / f"report{suffix}.md"

@@ -17,6 +17,7 @@ _TEXT: dict[str, dict[str, str]] = {
     "configs": {"en": "Configurations", "zh": "实验配置"},
     "environment": {"en": "Environment", "zh": "运行环境"},
     "failed_runs": {"en": "Failed runs", "zh": "失败的运行"},
+    "robustness": {"en": "Robustness", "zh": "鲁棒性"},
     "base_config": {"en": "Base run config (seed {seed})", "zh": "基础运行配置（种子 {seed}）"},
     "methods_overrides": {"en": "Methods and their overrides", "zh": "各方法及其覆盖参数"},
     "spec": {"en": "Experiment spec", "zh": "实验设置文件"},

@@ -348,7 +348,8 @@ def plot_training_curves(frame: pd.DataFrame, stem: str | Path, *, order: Sequen
 
 
 def robustness_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    """Rows (method, seed, corruption, level, accuracy) from the runs' ``robustness.csv`` files, if any."""
+    """Rows (method, seed, corruption, level, accuracy) from the runs' ``robustness.csv`` files, if any; where
+    a file has a ``modality`` column (``fuselab robustness``), the accuracy is averaged over the modalities."""
     parts = []
     for method, seed, path in zip(frame["method"], frame["seed"], frame["path"]):
         file = Path(path) / "robustness.csv"
@@ -358,7 +359,10 @@ def robustness_frame(frame: pd.DataFrame) -> pd.DataFrame:
                 level = "level" if "level" in table else "severity" if "severity" in table else None
                 if level is None:
                     continue
-                parts.append(table.rename(columns={level: "level"}).assign(method=method, seed=seed))
+                table = table.rename(columns={level: "level"})
+                if "modality" in table:  # one modality corrupted at a time: the mean over modalities
+                    table = table.groupby(["corruption", "level"], as_index=False, sort=False)["accuracy"].mean()
+                parts.append(table.assign(method=method, seed=seed))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 

@@ -36,6 +36,14 @@ _METRIC_LABELS = {
     "auc": "AUC",
 }
 
+# cost columns shown after Params where the summary has them (FLOPs from the runs, the rest from a profile)
+COST_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("flops", "FLOPs", "si"),
+    ("latency_b1_ms", "Latency b1 (ms)", "ms"),
+    ("latency_b64_ms", "Latency b64 (ms)", "ms"),
+    ("peak_mem_mb", "Peak mem. (MB)", "mb"),
+)
+
 UP_MARK = "▲"
 DOWN_MARK = "▼"
 BASELINE_MARK = "(baseline)"
@@ -121,6 +129,10 @@ def summarize(
             rec[f"{metric}_mean"], rec[f"{metric}_std"], rec[f"{metric}_ci"] = mean, std, ci
         params = rows["params"].to_numpy(dtype=float) if has_params else np.array([math.nan])
         rec["params"] = float(np.median(params)) if not np.all(np.isnan(params)) else math.nan
+        for col, _, _ in COST_COLUMNS:
+            if col in runs.columns:
+                values = pd.to_numeric(rows[col], errors="coerce").to_numpy(dtype=float)
+                rec[col] = float(np.nanmedian(values)) if not np.all(np.isnan(values)) else math.nan
         rec["delta"] = float(np.mean(rows[primary].to_numpy(dtype=float))) - base_primary
 
         p_t = p_mc = math.nan
@@ -200,6 +212,24 @@ def _fmt_params(value: float) -> str:
     return "–" if value is None or np.isnan(value) else f"{int(round(value)):,}"
 
 
+def _cost_columns(summary: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """The cost columns the summary has values for."""
+    return [c for c in COST_COLUMNS if c[0] in summary.columns
+            and not pd.to_numeric(summary[c[0]], errors="coerce").isna().all()]
+
+
+def _fmt_cost(value: Any, kind: str) -> str:
+    value = float(value) if value is not None else math.nan
+    if np.isnan(value):
+        return "–"
+    if kind == "si":
+        for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+            if abs(value) >= scale:
+                return f"{value / scale:.3g}{unit}"
+        return f"{value:.3g}"
+    return f"{value:.3f}" if kind == "ms" else f"{value:.2f}"
+
+
 def _fmt_delta(value: float, scale: float, decimals: int) -> str:
     return "–" if np.isnan(value) else f"{value * scale:+.{decimals}f}"
 
@@ -261,8 +291,10 @@ def to_markdown(
         if show_ci:
             header.append("±CI")
             align.append("---:")
-    header += ["Params", f"Δ {_metric_label(primary)}{' (pp)' if percent else ''}", "vs. baseline"]
-    align += ["---:", "---:", ":---:"]
+    costs = _cost_columns(summary)
+    header += ["Params", *(label for _, label, _ in costs), f"Δ {_metric_label(primary)}{' (pp)' if percent else ''}",
+               "vs. baseline"]
+    align += ["---:"] * (1 + len(costs)) + ["---:", ":---:"]
 
     ranks = {m: _ranks(summary[f"{m}_mean"].to_numpy(dtype=float) * scale, decimals) for m in metrics}
     lines = [caption, "", "| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
@@ -278,6 +310,7 @@ def to_markdown(
                 ci = r[f"{metric}_ci"]
                 cells.append("–" if np.isnan(ci) else f"±{ci * scale:.{decimals}f}")
         cells.append(_fmt_params(r.get("params", math.nan)))
+        cells += [_fmt_cost(r.get(col), kind) for col, _, kind in costs]
         cells.append("–" if is_base else _fmt_delta(r["delta"], scale, decimals))
         if is_base:
             mark = BASELINE_MARK
@@ -354,8 +387,10 @@ def to_latex(
     unit = r" (\%)" if percent else ""
 
     ranks = {m: _ranks(summary[f"{m}_mean"].to_numpy(dtype=float) * scale, decimals) for m in metrics}
-    colspec = "l" + "c" * len(metrics) + "r"
-    header = ["Method", *(f"{latex_escape(_metric_label(m))}{unit}" for m in metrics), "Params"]
+    costs = _cost_columns(summary)
+    colspec = "l" + "c" * len(metrics) + "r" * (1 + len(costs))
+    header = ["Method", *(f"{latex_escape(_metric_label(m))}{unit}" for m in metrics), "Params",
+              *(latex_escape(label) for _, label, _ in costs)]
     lines = [
         r"% requires \usepackage{booktabs} and \usepackage{amssymb}",
         r"\begin{table}[t]",
@@ -386,6 +421,7 @@ def to_latex(
                 mean = rf"\underline{{{mean}}}"
             cells.append(rf"{mean} $\pm$ {std}")
         cells.append(_fmt_params(r.get("params", math.nan)))
+        cells += [_fmt_cost(r.get(col), kind) for col, _, kind in costs]
         lines.append("    " + " & ".join(cells) + r" \\")
 
     n = _n_compared(summary, baseline)

@@ -31,9 +31,9 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class TrainConfig:
-    epochs: int = 60
-    batch_size: int = 64
-    lr: float = 1.0e-3
+    epochs: int = 60  # passes over the training split
+    batch_size: int = 64  # samples per optimiser step
+    lr: float = 1.0e-3  # peak learning rate of AdamW
     weight_decay: float = 1.0e-2  # AdamW's decoupled weight decay
     warmup: float = 0.05  # share of all steps with a linear warm-up, then cosine decay to zero
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
@@ -42,17 +42,20 @@ class TrainConfig:
     select: str = "best"  # evaluate on test the best epoch on validation ("best") or the final weights ("last")
     precision: str = "32-true"  # Lightning Fabric precision: 32-true, bf16-mixed, 16-mixed, ...
     accelerator: str = "auto"  # cpu | cuda | mps | auto
-    devices: int = 1
+    devices: int = 1  # devices (processes) per node for one run; > 1 is data-parallel (launch with fuselab run)
+    num_nodes: int = 1  # nodes for one run (torchrun or SLURM launches the processes)
+    strategy: str = "auto"  # Lightning Fabric strategy: auto, ddp, ddp_spawn, fsdp, ...
     threads: Optional[int] = None  # torch intra-op threads for this run; None keeps torch's default
-    eval_batch_size: int = 1024
+    eval_batch_size: int = 1024  # samples per forward pass in validation and test
     tensorboard: bool = False  # also write TensorBoard event files (CSV logs are always written)
     checkpoint: bool = True  # save the best-on-validation weights in the run folder
     checkpoint_every: float = 30.0  # seconds between resumable training states in a run under a store
+    modality_dropout: Any = 0.0  # per training sample, the probability of setting each modality's input to zero: one number for every modality or {modality: probability}; 0 = off
 
 
 @dataclasses.dataclass
 class LossConfig:
-    terms: list[dict[str, Any]] = dataclasses.field(default_factory=lambda: [{"name": "ce", "weight": 1.0}])
+    terms: list[dict[str, Any]] = dataclasses.field(default_factory=lambda: [{"name": "ce", "weight": 1.0}])  # weighted terms
 
 
 @dataclasses.dataclass
@@ -234,6 +237,12 @@ def validate(cfg: DictConfig) -> None:
     for key in ("epochs", "batch_size", "devices"):
         if cfg.train[key] < 1:
             raise ConfigError(f"config key 'train.{key}' must be at least 1, got {cfg.train[key]}")
+    rates = cfg.train.modality_dropout
+    rates = OmegaConf.to_container(rates, resolve=True) if isinstance(rates, DictConfig) else rates
+    for name, rate in (rates.items() if isinstance(rates, dict) else [("", rates)]):
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+            key = "train.modality_dropout" + (f".{name}" if name else "")
+            raise ConfigError(f"config key '{key}' must be a probability in [0, 1] (or a mapping of modality to one), got {rate!r}")
     if cfg.train.lr <= 0:
         raise ConfigError(f"config key 'train.lr' must be positive, got {cfg.train.lr}")
 

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from lightning_fabric import Fabric
 from torch import Tensor, nn
-from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
-
 from fuselab.data.core import DataBundle, ModalTensors
+from fuselab.data.corruptions import drop_modalities, dropout_rates
 from fuselab.losses import WeightedLoss
-from fuselab.train.config import TrainConfig
+from fuselab.metrics import classification_metrics, predictions, task_metrics
+from fuselab.train.config import ConfigError, TrainConfig
 
 
 class NonFiniteLossError(RuntimeError):
@@ -35,7 +35,7 @@ class FitResult:
     best_epoch: int
     val: dict[str, float]  # validation metrics of the best checkpoint
     test: dict[str, float]  # test metrics of the best checkpoint
-    test_pred: Tensor  # (N,) predicted class per test sample
+    test_pred: Tensor  # (N,) predicted class per test sample (per labelled test pixel for dense tasks)
     test_true: Tensor  # (N,)
     state_dict: dict[str, Tensor]  # best weights
 
@@ -60,15 +60,6 @@ def predict(model: nn.Module, split: ModalTensors, batch_size: int) -> Tensor:
     return torch.cat([model(x).logits.float() for x, _ in split.batches(batch_size)])
 
 
-def classification_metrics(logits: Tensor, target: Tensor, num_classes: int) -> dict[str, Tensor]:
-    pred = logits.argmax(1)
-    return {
-        "accuracy": multiclass_accuracy(pred, target, num_classes=num_classes, average="micro"),
-        "macro_f1": multiclass_f1_score(pred, target, num_classes=num_classes, average="macro"),
-        "loss": nn.functional.cross_entropy(logits, target),
-    }
-
-
 def fit(
     model: nn.Module,
     data: DataBundle,
@@ -79,14 +70,30 @@ def fit(
     fabric: Fabric,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     resume_path: Path | None = None,
+    evaluate_test: bool = True,
 ) -> FitResult:
     """Train ``model`` on ``data.train``, pick the best epoch on ``data.val``, evaluate it on ``data.test``.
+
+    With ``evaluate_test=False`` (tuning) the test split is never touched, not even moved to the device:
+    the result's test metrics are empty and its test predictions have no rows.
 
     With ``resume_path``, the whole training state is saved there every ``cfg.checkpoint_every`` seconds
     (at an epoch's end), and a state found there at the start is resumed: a killed run continues where it
     was and ends with the same result as an uninterrupted one.
+
+    The metrics are those of ``data.task`` (``fuselab.metrics``). A model with ``needs_training = False``
+    (e.g. ``cva``) is only evaluated.
     """
-    data = data.to(fabric.device)
+    if evaluate_test:
+        data = data.to(fabric.device)
+    else:
+        data = dataclasses.replace(data, train=data.train.to(fabric.device), val=data.val.to(fabric.device))
+    if data.task == "classification":
+        metric_fn = classification_metrics
+    else:
+        metric_fn = lambda logits, y, k: task_metrics(data.task, logits, y, k)  # noqa: E731
+    if getattr(model, "needs_training", True) is False:
+        return _evaluate_only(model.to(fabric.device), data, cfg, metric_fn, evaluate_test)
     fused = fabric.device.type in ("cpu", "cuda")  # one fused kernel instead of a loop over tensors
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
@@ -94,6 +101,12 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, cfg.warmup))
     model, optimizer = fabric.setup(model, optimizer)
     generator = torch.Generator().manual_seed(seed)  # batch order: the same for every method of a seed
+    forward = _forward_fn(model, fabric, cfg.precision)
+    world, rank = fabric.world_size, fabric.global_rank
+    try:  # modality dropout: per-sample zeroed inputs, drawn from a generator seeded per epoch (resumable)
+        dropout = dropout_rates(getattr(cfg, "modality_dropout", 0.0), data.modalities)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
     sign = -1.0 if cfg.monitor == "loss" else 1.0
     best_score, best_loss, best_epoch, best_state = -math.inf, math.inf, -1, None
@@ -111,9 +124,14 @@ def fit(
     last_save = time.monotonic()
     for epoch in range(first_epoch, cfg.epochs):
         model.train()
-        sums: Tensor | None = None
+        step_values: list[tuple[Tensor, ...]] = []
+        drop_gen = torch.Generator().manual_seed(seed * 100_003 + epoch) if any(dropout.values()) else None
         for x, y in data.train.batches(cfg.batch_size, generator=generator, shuffle=True):
-            output = model(x)
+            if world > 1:  # data parallel: each process takes its share of the same global batch
+                x, y = {m: v[rank::world] for m, v in x.items()}, y[rank::world]
+            if drop_gen is not None:
+                x = drop_modalities(x, dropout, drop_gen)
+            output = forward(x)
             total, values = loss(output, y)
             optimizer.zero_grad(set_to_none=True)
             fabric.backward(total)
@@ -121,17 +139,19 @@ def fit(
                 fabric.clip_gradients(model, optimizer, max_norm=cfg.grad_clip, error_if_nonfinite=False)
             optimizer.step()
             scheduler.step()
-            step_values = torch.stack([total.detach(), *(v.detach() for v in values.values())])
-            sums = step_values if sums is None else sums + step_values
-        assert sums is not None
-        means = (sums / steps_per_epoch).tolist()  # the one sync of the epoch
+            step_values.append((total.detach(), *(v.detach() for v in values.values())))
+        # one stack and one sync per epoch, none per step
+        epoch_means = torch.stack([torch.stack(v) for v in step_values]).sum(0) / len(step_values)
+        if world > 1:
+            epoch_means = fabric.all_reduce(epoch_means, reduce_op="mean")
+        means = epoch_means.tolist()
         if not all(math.isfinite(v) for v in means):
             bad = [n for n, v in zip(["loss", *values], means) if not math.isfinite(v)]
             raise NonFiniteLossError(
                 f"training loss became non-finite at epoch {epoch} ({', '.join(bad)}); "
                 "lower train.lr, enable train.grad_clip, or use 32-bit precision"
             )
-        val = {k: float(v) for k, v in classification_metrics(predict(model, data.val, cfg.eval_batch_size), data.val.y, data.num_classes).items()}
+        val = {k: float(v) for k, v in metric_fn(predict(model, data.val, cfg.eval_batch_size), data.val.y, data.num_classes).items()}
         row = {"epoch": epoch, "train_loss": means[0], **{f"train_{n}": v for n, v in zip(values, means[1:])}}
         row.update({f"val_{k}": v for k, v in val.items()})
         row["lr"] = scheduler.get_last_lr()[0]
@@ -150,7 +170,7 @@ def fit(
             on_epoch(epoch, row)
         if cfg.patience and stale >= cfg.patience:
             break
-        if resume_path is not None and time.monotonic() - last_save >= cfg.checkpoint_every:
+        if resume_path is not None and fabric.is_global_zero and time.monotonic() - last_save >= cfg.checkpoint_every:
             _save_resume_state(resume_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
@@ -163,17 +183,59 @@ def fit(
     assert best_state is not None
     model.load_state_dict(best_state)
     val_logits = predict(model, data.val, cfg.eval_batch_size)
-    test_logits = predict(model, data.test, cfg.eval_batch_size)
     as_float = lambda d: {k: float(v) for k, v in d.items()}  # noqa: E731
+    test, test_pred, test_true = _test_metrics(model, data, cfg, metric_fn) if evaluate_test else _no_test()
     return FitResult(
         history=history,
         best_epoch=best_epoch,
-        val=as_float(classification_metrics(val_logits, data.val.y, data.num_classes)),
-        test=as_float(classification_metrics(test_logits, data.test.y, data.num_classes)),
-        test_pred=test_logits.argmax(1).cpu(),
-        test_true=data.test.y.cpu(),
+        val=as_float(metric_fn(val_logits, data.val.y, data.num_classes)),
+        test=test,
+        test_pred=test_pred.cpu(),
+        test_true=test_true.cpu(),
         state_dict={k: v.cpu() for k, v in best_state.items()},
     )
+
+
+def _test_metrics(model: nn.Module, data: DataBundle, cfg: TrainConfig,
+                  metric_fn: Callable[..., dict[str, Tensor]]) -> tuple[dict[str, float], Tensor, Tensor]:
+    test_logits = predict(model, data.test, cfg.eval_batch_size)
+    test_pred, test_true = predictions(data.task, test_logits, data.test.y)
+    return {k: float(v) for k, v in metric_fn(test_logits, data.test.y, data.num_classes).items()}, test_pred, test_true
+
+
+def _no_test() -> tuple[dict[str, float], Tensor, Tensor]:
+    return {}, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+
+
+def _evaluate_only(model: nn.Module, data: DataBundle, cfg: TrainConfig, metric_fn: Callable[..., dict[str, Tensor]],
+                   evaluate_test: bool = True) -> FitResult:
+    """Validation and test metrics of a model that learns nothing from the training split."""
+    val_logits = predict(model, data.val, cfg.eval_batch_size)
+    test, test_pred, test_true = _test_metrics(model, data, cfg, metric_fn) if evaluate_test else _no_test()
+    as_float = lambda d: {k: float(v) for k, v in d.items()}  # noqa: E731
+    return FitResult(
+        history=[], best_epoch=-1,
+        val=as_float(metric_fn(val_logits, data.val.y, data.num_classes)),
+        test=test,
+        test_pred=test_pred.cpu(), test_true=test_true.cpu(),
+        state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+    )
+
+
+def _forward_fn(model: nn.Module, fabric: Fabric, precision: str) -> Callable[[Any], Any]:
+    """The training forward. Fabric's module wrapper converts inputs and outputs for the precision on every
+    call; for full and mixed precision that conversion is the identity (mixed precision is autocast), so
+    the strategy's module (the DDP wrapper when distributed) is called under ``fabric.autocast()`` directly:
+    the per-step walk over input and output collections cost about 2 % of a small model's step."""
+    inner = getattr(model, "_forward_module", None)
+    if inner is None or not (precision.startswith(("32", "64")) or precision.endswith("-mixed")):
+        return model
+
+    def forward(x: Any) -> Any:
+        with fabric.autocast():
+            return inner(x)
+
+    return forward
 
 
 def _save_resume_state(path: Path, state: dict[str, Any]) -> None:
@@ -184,7 +246,8 @@ def _save_resume_state(path: Path, state: dict[str, Any]) -> None:
 
 
 def make_fabric(cfg: TrainConfig, loggers: list[Any] | None = None) -> Fabric:
-    return Fabric(accelerator=cfg.accelerator, devices=cfg.devices, precision=cfg.precision, loggers=loggers or [])
+    return Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
+                  precision=cfg.precision, loggers=loggers or [])
 
 
 def count_parameters(model: nn.Module) -> int:

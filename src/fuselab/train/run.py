@@ -49,9 +49,30 @@ def build_model(cfg: DictConfig, data: DataBundle) -> torch.nn.Module:
     if exchange:
         options["exchange"] = exchange
     builder = MODELS.get(name)
+    if data.task != "classification" and "dense" in inspect.signature(builder).parameters:
+        options.setdefault("dense", True)  # per-pixel logits for the dense tasks
     if "example" in inspect.signature(builder).parameters:  # builders that measure their encoders' outputs
         options["example"] = data.train.take(torch.arange(min(2, len(data.train))))[0]
     return builder(dims=data.dims, num_classes=data.num_classes, fusion=section(cfg, "fusion"), **options)
+
+
+def pool_folds(results: list[FitResult], data: DataBundle) -> FitResult:
+    """One result from the folds of a cross-validation: test metrics on the pooled test predictions (every
+    labelled sample once), validation metrics averaged over the folds, the folds' histories one after another
+    (with a ``fold`` column), the median best epoch and the folds' weights under ``fold<i>/``."""
+    from fuselab.metrics import prediction_metrics
+
+    pred = torch.cat([r.test_pred for r in results])
+    true = torch.cat([r.test_true for r in results])
+    test = {k: float(v) for k, v in prediction_metrics(data.task, pred, true, data.num_classes).items()}
+    counts = torch.tensor([float(len(r.test_true)) for r in results])
+    if all("loss" in r.test for r in results):
+        test["loss"] = float(sum(r.test["loss"] * n for r, n in zip(results, counts.tolist())) / counts.sum().clamp_min(1))
+    val = {k: float(np.mean([r.val[k] for r in results])) for k in results[0].val}
+    history = [{"fold": i, **row} for i, r in enumerate(results) for row in r.history]
+    state = {f"fold{i}/{k}": v for i, r in enumerate(results) for k, v in r.state_dict.items()}
+    return FitResult(history=history, best_epoch=int(np.median([r.best_epoch for r in results])), val=val, test=test,
+                     test_pred=pred, test_true=true, state_dict=state)
 
 
 def environment(threads: int) -> dict[str, Any]:
@@ -113,29 +134,51 @@ def execute(
 
             loggers.append(TensorBoardLogger(str(run_dir), name="tensorboard", version=""))
     fabric = make_fabric(tcfg, loggers)
+    if fabric.world_size > 1:
+        fabric.launch()  # starts the other processes, unless torchrun or SLURM already did
     fabric.seed_everything(int(cfg.seed), verbose=False)
     data = build_data(cfg)
-    try:
-        model = build_model(cfg, data)
-        loss = WeightedLoss(section(cfg, "loss")["terms"])
-    except ValueError as exc:  # a shape or option problem found while building
-        raise ConfigError(str(exc).splitlines()[0]) from None
-    params = count_parameters(model)
-    resume_path = run_dir / "resume.pt" if resumable and run_dir is not None else None
-    result = fit(model, data, loss, tcfg, seed=int(cfg.seed), fabric=fabric, on_epoch=on_epoch, resume_path=resume_path)
-    if resume_path is not None:
-        resume_path.unlink(missing_ok=True)
+    parts = data.folds or [data]  # cross-validation: one model per fold, test predictions pooled
+    results: list[FitResult] = []
+    for i, part in enumerate(parts):
+        if i:
+            fabric.seed_everything(int(cfg.seed), verbose=False)  # every fold starts from the same initialisation
+        try:
+            model = build_model(cfg, part)
+            loss = WeightedLoss(section(cfg, "loss")["terms"])
+        except ValueError as exc:  # a shape or option problem found while building
+            raise ConfigError(str(exc).splitlines()[0]) from None
+        params = count_parameters(model)
+        keep = resumable and run_dir is not None
+        resume_path = run_dir / ("resume.pt" if len(parts) == 1 else f"resume-fold{i}.pt") if keep else None
+        finished = run_dir / f"finished-fold{i}.pt" if keep and len(parts) > 1 else None
+        if finished is not None and finished.is_file():  # a fold completed before the run was interrupted
+            results.append(torch.load(finished, weights_only=False))
+            continue
+        result = fit(model, part, loss, tcfg, seed=int(cfg.seed), fabric=fabric, on_epoch=on_epoch, resume_path=resume_path)
+        if finished is not None:
+            torch.save(result, finished)
+        if resume_path is not None:
+            resume_path.unlink(missing_ok=True)
+        results.append(result)
+    result = results[0] if len(results) == 1 else pool_folds(results, data)
+    if run_dir is not None:
+        for i in range(len(parts) if len(parts) > 1 else 0):
+            (run_dir / f"finished-fold{i}.pt").unlink(missing_ok=True)
     for logger in fabric.loggers:
         logger.finalize("success")
     metrics: dict[str, Any] = {f"test_{k}": v for k, v in result.test.items()}
     metrics.update({f"val_{k}": v for k, v in result.val.items()})
     metrics.update(params=params, best_epoch=result.best_epoch, epochs_run=len(result.history),
                    seconds=time.perf_counter() - start)
-    if run_dir is not None:
+    if len(parts) > 1:
+        metrics["folds"] = len(parts)
+    if run_dir is not None and fabric.is_global_zero:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         _write_json(run_dir / "metrics.json", metrics)
         _write_json(run_dir / "environment.json", environment(torch.get_num_threads()))
-        pd.DataFrame(result.history).to_csv(run_dir / "history.csv", index=False)
+        if result.history:  # a method that is not trained (cva) has no history
+            pd.DataFrame(result.history).to_csv(run_dir / "history.csv", index=False)
         np.savez_compressed(run_dir / "predictions.npz", y_true=result.test_true.numpy(), y_pred=result.test_pred.numpy())
         if tcfg.checkpoint:
             torch.save(result.state_dict, run_dir / "checkpoint.pt")
