@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
+import fuselab
 from fuselab.models.output import ModelOutput
 from fuselab.plugins import load_plugin
 
-load_plugin(str(Path(__file__).with_name("my_idea.py")))
 
-import fuselab  # noqa: E402
+@pytest.fixture(autouse=True, scope="module")
+def plugin():
+    """Loaded when these tests run, not when they are collected."""
+    return load_plugin(str(Path(__file__).with_name("my_idea.py")))
 
 
 def test_gated_sum_is_the_gated_sum_of_projections():

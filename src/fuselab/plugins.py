@@ -112,6 +112,11 @@ def load_entry_points() -> list[Plugin]:
     return out
 
 
+def from_plugin(kind: str, name: str) -> bool:
+    """Was this id registered by a plugin (rather than by fuselab itself)?"""
+    return (kind, name) in _provider
+
+
 def provenance(config: dict[str, Any]) -> dict[str, str]:
     """``{"kind:id": source hash}`` for every id in a resolved run config that a plugin provides."""
     used: list[tuple[str, str]] = []

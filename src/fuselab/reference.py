@@ -18,6 +18,7 @@ from typing import Any
 import fuselab.train.config as config_module
 from fuselab.api import fusion_info, list_fusions
 from fuselab.experiments.spec import SPEC_KEYS
+from fuselab.plugins import from_plugin
 from fuselab.registry import DATASETS, LOSSES, MODELS
 
 _FIELD = re.compile(r"^\s+(\w+):\s*[^=]+?(?:=\s*(.+?))?\s*(?:#\s*(.*))?$")
@@ -107,13 +108,13 @@ def config_reference() -> str:
     injected = config_module._INJECTED
     for section, registry in (("data", DATASETS), ("model", MODELS)):
         lines += [f"## `{section}`", "", f"`{section}.name` picks a registered {registry.kind}; its options are:", ""]
-        for name in registry.list():
+        for name in [n for n in registry.list() if not from_plugin(registry.kind, n)]:  # built-ins only
             lines += [f"### `{section}.name: {name}`", "", *_builder_table(name, registry.get(name), injected[section]), ""]
     lines += ["## `fusion` and `exchange`", "",
               "`fusion.name` picks a merge, `exchange.name` an exchange (models that take one); the other keys are the",
               "operator's options, listed in the [operator catalogue](operators.md).", "",
               "## `loss.terms`", "", "A list of `{name, weight, options...}`; the loss is the weighted sum.", ""]
-    for name in LOSSES.list():
+    for name in [n for n in LOSSES.list() if not from_plugin("loss", n)]:
         fn = LOSSES.get(name)
         first = (inspect.getdoc(fn) or "").splitlines()[0] if inspect.getdoc(fn) else ""
         params = [f"`{p}` = {_fmt(v.default)}" for p, v in inspect.signature(fn).parameters.items()
@@ -128,7 +129,7 @@ def operator_catalogue() -> str:
     lines = ["# Operator catalogue", "",
              "Generated from `fuselab.fusion_info` by `python -m fuselab.reference docs/reference`; do not edit by hand.", "",
              "| id | contract | forms | missing modality | natural width |", "|---|---|---|---|---|"]
-    infos = [fusion_info(i) for i in list_fusions()]
+    infos = [fusion_info(i) for i in list_fusions() if not from_plugin("fusion", i)]  # built-ins only
     for info in infos:
         contract = info.contract if info.kind == "merge" else f"{info.contract} ({info.kind})"
         lines.append(f"| [`{info.id}`](#{info.id}) | {contract} | {', '.join(info.forms)} | "

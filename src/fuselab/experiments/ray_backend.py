@@ -40,6 +40,9 @@ def train_remote(config: dict[str, Any], threads: int, plugins: tuple[str, ...])
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "run"
             result = execute(cfg, folder)
+            from fuselab.experiments.runner import record_flops
+
+            result.metrics["flops"] = record_flops(cfg, folder)  # as local runs record it
             buffer = io.BytesIO()
             with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
                 tar.add(folder, arcname=".")

@@ -52,7 +52,7 @@ def train_one(store_root: str, run_id: str, method: str, seed: int, config: dict
 
     store = Store(store_root)
     if not store.claim(run_id):
-        return Outcome(run_id, method, seed, "done" if store.status(run_id) == "done" else "skipped")
+        return Outcome(run_id, method, seed, "cached" if store.status(run_id) == "done" else "skipped")
     cfg = make_config(config, [f"train.threads={threads}"])
     staging = store.staging_dir(run_id)
     last_beat = [time.monotonic()]
