@@ -115,3 +115,39 @@ def standardize(train: Tensor, *others: Tensor, eps: float = 1e-6) -> list[Tenso
     mean = train.mean(0, keepdim=True)
     std = train.std(0, keepdim=True).clamp_min(eps)
     return [(t - mean) / std for t in (train, *others)]
+
+
+def bundle_from_arrays(
+    arrays: Mapping[str, np.ndarray],
+    y: np.ndarray,
+    *,
+    seed: int,
+    test_fraction: float,
+    val_fraction: float,
+    standardize_features: bool = True,
+    class_names: list[str] | None = None,
+) -> DataBundle:
+    """A seeded stratified split of per-sample arrays ``{m: (N, ...)}``; the form of a modality follows its
+    rank ((N, D) vector, (N, T, D) tokens, (N, C, H, W) map); vectors and tokens are standardised per feature
+    with training statistics."""
+    forms = {2: "vector", 3: "tokens", 4: "map"}
+    names = list(arrays)
+    parts = stratified_split(y, {"train": 0.0, "val": val_fraction, "test": test_fraction}, seed)
+    splits: dict[str, dict[str, Tensor]] = {p: {} for p in parts}
+    for m in names:
+        x = torch.from_numpy(np.ascontiguousarray(arrays[m])).float()
+        chunks = [x[torch.from_numpy(parts[p])] for p in ("train", "val", "test")]
+        if standardize_features and x.dim() in (2, 3):
+            scaled = standardize(*(c.reshape(-1, c.shape[-1]) for c in chunks))
+            chunks = [f.reshape(c.shape) for f, c in zip(scaled, chunks)]
+        for p, c in zip(("train", "val", "test"), chunks):
+            splits[p][m] = c.contiguous()
+    labels = torch.from_numpy(y)
+    make = lambda p: ModalTensors(splits[p], labels[torch.from_numpy(parts[p])])  # noqa: E731
+    return DataBundle(
+        train=make("train"), val=make("val"), test=make("test"),
+        dims={m: int(arrays[m].shape[1] if arrays[m].ndim == 4 else arrays[m].shape[-1]) for m in names},
+        num_classes=len(class_names) if class_names else int(y.max()) + 1,
+        forms={m: forms[arrays[m].ndim] for m in names},
+        class_names=class_names,
+    )

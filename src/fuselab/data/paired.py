@@ -21,14 +21,12 @@ import csv
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from fuselab.data.core import DataBundle, ModalTensors, standardize, stratified_split
+from fuselab.data.core import DataBundle, bundle_from_arrays
 from fuselab.registry import DATASETS
 
 IMAGE = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 KNOWN = IMAGE | {".npy", ".wav"}
-FORMS = {1: "vector", 2: "tokens", 3: "map"}
 
 
 def _files(folder: Path) -> dict[str, tuple[Path, str | None]]:
@@ -123,22 +121,5 @@ def paired_folder(
     classes = sorted(set(raw), key=lambda c: (not str(c).isdigit(), int(c) if str(c).isdigit() else 0, str(c)))
     y = np.array([classes.index(r) for r in raw], dtype=np.int64)
     arrays = {m: _load([found[m][s][0] for s in stems], m) for m in names}
-    parts = stratified_split(y, {"train": 0.0, "val": val_fraction, "test": test_fraction}, seed)
-    splits: dict[str, dict[str, torch.Tensor]] = {p: {} for p in parts}
-    for m in names:
-        x = torch.from_numpy(arrays[m])
-        chunks = [x[torch.from_numpy(parts[p])] for p in ("train", "val", "test")]
-        if x.dim() in (2, 3):  # vectors and tokens: per-feature standardisation on the training part
-            flat = standardize(*(c.reshape(-1, c.shape[-1]) for c in chunks))
-            chunks = [f.reshape(c.shape) for f, c in zip(flat, chunks)]
-        for p, c in zip(("train", "val", "test"), chunks):
-            splits[p][m] = c.contiguous()
-    labels_t = torch.from_numpy(y)
-    make = lambda p: ModalTensors(splits[p], labels_t[torch.from_numpy(parts[p])])  # noqa: E731
-    return DataBundle(
-        train=make("train"), val=make("val"), test=make("test"),
-        dims={m: int(arrays[m].shape[1] if arrays[m].ndim == 4 else arrays[m].shape[-1]) for m in names},
-        num_classes=len(classes),
-        forms={m: FORMS[arrays[m].ndim - 1] for m in names},
-        class_names=[str(c) for c in classes],
-    )
+    return bundle_from_arrays(arrays, y, seed=seed, test_fraction=test_fraction, val_fraction=val_fraction,
+                              class_names=[str(c) for c in classes])

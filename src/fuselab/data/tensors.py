@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fuselab.data.core import DataBundle, ModalTensors, standardize, stratified_split
+from fuselab.data.core import DataBundle, bundle_from_arrays
 from fuselab.registry import DATASETS
 
 FORMS = {2: "vector", 3: "tokens", 4: "map"}
@@ -64,22 +64,5 @@ def tensors(
             raise ValueError(f"array '{m}' has {arrays[m].shape[0]} samples but '{label}' has {len(y)}")
         if arrays[m].ndim not in FORMS:
             raise ValueError(f"array '{m}' has shape {arrays[m].shape}; expected (N, D), (N, T, D) or (N, C, H, W)")
-    parts = stratified_split(y, {"train": 0.0, "val": val_fraction, "test": test_fraction}, seed)
-    splits: dict[str, dict[str, torch.Tensor]] = {p: {} for p in parts}
-    for m in names:
-        x = torch.from_numpy(np.ascontiguousarray(arrays[m])).float()
-        chunks = [x[torch.from_numpy(parts[p])] for p in ("train", "val", "test")]
-        if standardize_features and x.dim() in (2, 3):
-            flat = [c.reshape(-1, c.shape[-1]) for c in chunks]
-            scaled = standardize(*flat)
-            chunks = [s.reshape(c.shape) for s, c in zip(scaled, chunks)]
-        for p, c in zip(("train", "val", "test"), chunks):
-            splits[p][m] = c.contiguous()
-    labels = torch.from_numpy(y)
-    make = lambda p: ModalTensors(splits[p], labels[torch.from_numpy(parts[p])])  # noqa: E731
-    return DataBundle(
-        train=make("train"), val=make("val"), test=make("test"),
-        dims={m: int(arrays[m].shape[1] if arrays[m].ndim == 4 else arrays[m].shape[-1]) for m in names},
-        num_classes=int(y.max()) + 1,
-        forms={m: FORMS[arrays[m].ndim] for m in names},
-    )
+    return bundle_from_arrays({m: arrays[m] for m in names}, y, seed=seed, test_fraction=test_fraction,
+                              val_fraction=val_fraction, standardize_features=standardize_features)
