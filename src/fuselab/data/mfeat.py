@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
-from fuselab.data.core import DataBundle, ModalTensors, standardize, stratified_split
+from fuselab.data.core import DataBundle, bundle_from_arrays
 from fuselab.registry import DATASETS
 
 VIEWS = {"fou": 76, "fac": 216, "kar": 64, "pix": 240, "zer": 47, "mor": 6}
@@ -80,21 +79,5 @@ def mfeat(
     if not (0 < test_fraction < 1 and 0 <= val_fraction < 1 and test_fraction + val_fraction < 1):
         raise ValueError("data.test_fraction and data.val_fraction must be in (0, 1) and sum to less than 1")
     arrays, labels = load_mfeat(tuple(views), data_root)
-    parts = stratified_split(labels, {"train": 0.0, "val": val_fraction, "test": test_fraction}, seed)
-    splits: dict[str, dict[str, torch.Tensor]] = {p: {} for p in parts}
-    for view in views:
-        x = torch.from_numpy(arrays[view])
-        scaled = standardize(*(x[torch.from_numpy(parts[p])] for p in ("train", "val", "test")))
-        for p, t in zip(("train", "val", "test"), scaled):
-            splits[p][view] = t.contiguous()
-    y = torch.from_numpy(labels)
-    make = lambda p: ModalTensors(splits[p], y[torch.from_numpy(parts[p])].contiguous())  # noqa: E731
-    return DataBundle(
-        train=make("train"),
-        val=make("val"),
-        test=make("test"),
-        dims={v: VIEWS[v] for v in views},
-        num_classes=10,
-        forms={v: "vector" for v in views},
-        class_names=[str(d) for d in range(10)],
-    )
+    return bundle_from_arrays({v: arrays[v] for v in views}, labels, seed=seed, test_fraction=test_fraction,
+                              val_fraction=val_fraction, class_names=[str(d) for d in range(10)])
