@@ -201,14 +201,16 @@ def test_modality_dropout_config_is_checked():
     assert (out["a"].sum(1) == 0).float().mean().item() == pytest.approx(0.3, abs=0.05)
 
 
-def _fit_first_layer_grads(dropout):
-    """Train one epoch; the gradient norms that reached each stream's first Linear weight at every step."""
+def _fit_encoder_grads(dropout, model_cfg=None):
+    """Train one epoch; per stream, the largest gradient that reached any of its encoder's parameters (weights
+    and biases of every layer) at each step."""
     from fuselab.losses import WeightedLoss
     from fuselab.train.config import section
     from fuselab.train.loop import fit, make_fabric
     from fuselab.train.run import build_data, build_model
 
-    cfg = make_config({"data": {"name": "mfeat", "views": ["fou", "kar"]}, "model": {"name": "mlp-streams", "hidden": 16},
+    cfg = make_config({"data": {"name": "mfeat", "views": ["fou", "kar"]},
+                       "model": model_cfg or {"name": "mlp-streams", "hidden": 16},
                        "train": {"epochs": 1, "batch_size": 256, "modality_dropout": dropout}})
     tcfg = OmegaConf.to_object(cfg.train)
     fabric = make_fabric(tcfg)
@@ -217,15 +219,27 @@ def _fit_first_layer_grads(dropout):
     model = build_model(cfg, data)
     grads: dict[str, list[float]] = {"fou": [], "kar": []}
     for m in grads:
-        first = next(l for l in model.encoders[m].modules() if isinstance(l, torch.nn.Linear))
-        first.weight.register_hook(lambda g, m=m: grads[m].append(float(g.abs().max())))
+        params = list(model.encoders[m].parameters())
+        assert len(params) >= 4  # several layers, biases included
+        step: dict[int, float] = {}
+
+        def hook(g, m=m, n=len(params), step=step):
+            step[len(step)] = float(g.abs().max())
+            if len(step) == n:  # every parameter of this encoder has its gradient for this step
+                grads[m].append(max(step.values()))
+                step.clear()
+
+        for p in params:
+            p.register_hook(hook)
     fit(model, data, WeightedLoss(section(cfg, "loss")["terms"]), tcfg, seed=0, fabric=fabric)
     return grads
 
 
-def test_modality_dropout_at_one_gives_the_modality_encoder_no_gradient():
-    dropped = _fit_first_layer_grads({"fou": 1.0})
-    assert dropped["fou"] and all(g == 0.0 for g in dropped["fou"])  # its input is always zero
+@pytest.mark.parametrize("model_cfg", [None, {"name": "mlp-streams", "hidden": 16, "fuse_at": 0}])
+def test_modality_dropout_at_one_gives_the_modality_encoder_no_gradient(model_cfg):
+    dropped = _fit_encoder_grads({"fou": 1.0}, model_cfg)
+    assert len(dropped["fou"]) == len(dropped["kar"]) >= 5  # a hook call per step
+    assert all(g == 0.0 for g in dropped["fou"])  # not a single weight or bias of its encoder moves
     assert all(g > 0 for g in dropped["kar"])
-    control = _fit_first_layer_grads(0.0)
+    control = _fit_encoder_grads(0.0, model_cfg)
     assert all(g > 0 for g in control["fou"])

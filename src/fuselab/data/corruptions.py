@@ -114,10 +114,24 @@ def dropout_rates(spec: float | Mapping[str, float] | None, modalities: list[str
     return rates
 
 
+def keep_masks(batch: int, rates: Mapping[str, float], generator: torch.Generator | None = None,
+               device: torch.device | str | None = None) -> dict[str, Tensor]:
+    """Modality dropout as masks: per modality with a rate above 0, a ``(batch,)`` float mask, 0 where the
+    sample loses the modality (independently per modality and sample) and 1 elsewhere. ``MultiStream`` takes
+    them as ``keep`` and zeroes the dropped streams at the encoders' outputs. Draws in sorted modality order,
+    the same numbers as ``drop_modalities``."""
+    out = {}
+    for m in sorted(rates):
+        p = rates[m]
+        if p > 0:
+            out[m] = (~missing_mask(batch, p, generator=generator)).float().to(device)
+    return out
+
+
 def drop_modalities(x: Mapping[str, Tensor], rates: Mapping[str, float],
                     generator: torch.Generator | None = None) -> dict[str, Tensor]:
-    """Modality dropout: each sample loses each modality independently with that modality's rate; a lost
-    modality is set to **zero** (the model sees zeros, as in the ``zeros`` missing mode; a sample may lose
+    """Modality dropout on the inputs (for models that take no ``keep`` masks): each sample loses each modality
+    independently with that modality's rate; a lost modality is set to **zero** (the model sees zeros, as in the ``zeros`` missing mode; a sample may lose
     all its modalities). Modalities with rate 0 are returned untouched and draw no random numbers."""
     out = dict(x)
     for m in sorted(x):
@@ -131,4 +145,4 @@ def drop_modalities(x: Mapping[str, Tensor], rates: Mapping[str, float],
 
 
 __all__ = ["CORRUPTIONS", "MISSING_MODES", "corrupt", "drop_elements", "drop_mask_shape", "drop_modalities",
-           "dropout_rates", "gaussian_noise", "missing_mask", "modality_sigma", "zero_samples"]
+           "dropout_rates", "gaussian_noise", "keep_masks", "missing_mask", "modality_sigma", "zero_samples"]

@@ -155,15 +155,22 @@ class MultiStream(nn.Module):
             if m is not self and hasattr(m, "aux_losses") and getattr(type(m), "aux_losses", None) is not FusionBase.aux_losses
         ]  # only modules that define their own aux_losses (the base one returns nothing)
 
-    def forward(self, inputs: Mapping[str, Tensor]) -> ModelOutput:
+    def forward(self, inputs: Mapping[str, Tensor], keep: Mapping[str, Tensor] | None = None) -> ModelOutput:
+        """Run the network. ``keep`` (modality dropout, ``train.modality_dropout``): per modality a (B,) mask
+        of 1 (keep) and 0 (drop); a dropped sample's stream is set to zero at the encoder's output and again
+        at the fusion point, so nothing of it reaches the merge and its encoder gets no gradient from it."""
         missing = [m for m in self.modalities if m not in inputs]
         if missing and not self.merge.supports_missing:
             raise ValueError(f"missing modality '{missing[0]}'; the model was built for {self.modalities}")
         streams = {m: self.encoders[m](inputs[m]) for m in self.modalities if m in inputs}
+        if keep:
+            streams = _mask_streams(streams, keep)
         if self.exchange is not None:
             streams = self.exchange(streams)
         if self.pool is not None:
             streams = {m: self.pool[m](z) for m, z in streams.items()}
+        if keep:
+            streams = _mask_streams(streams, keep)
         modality_logits = None
         if self.modality_heads is not None:
             modality_logits = {m: self.modality_heads[m](z) for m, z in streams.items()}
@@ -188,6 +195,16 @@ class MultiStream(nn.Module):
             for key, value in module.aux_losses().items():
                 out[f"{name}.{key}"] = value
         return out
+
+
+def _mask_streams(streams: Mapping[str, Tensor], keep: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Multiply each listed stream by its per-sample keep mask (broadcast over the feature axes)."""
+    out = dict(streams)
+    for m, mask in keep.items():
+        if m in out:
+            z = out[m]
+            out[m] = z * mask.to(z.dtype).view(-1, *([1] * (z.dim() - 1)))
+    return out
 
 
 class SingleStream(Merge):

@@ -50,7 +50,7 @@ class TrainConfig:
     tensorboard: bool = False  # also write TensorBoard event files (CSV logs are always written)
     checkpoint: bool = True  # save the best-on-validation weights in the run folder
     checkpoint_every: float = 30.0  # seconds between resumable training states in a run under a store
-    modality_dropout: Any = 0.0  # per training sample, the probability of setting each modality's input to zero: one number for every modality or {modality: probability}; 0 = off
+    modality_dropout: Any = 0.0  # per training sample, the probability of dropping each modality (its stream is zeroed at the encoder's output, so a dropped encoder gets no gradient): one number for every modality or {modality: probability}; 0 = off
 
 
 @dataclasses.dataclass

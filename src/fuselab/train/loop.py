@@ -19,9 +19,10 @@ import torch
 from lightning_fabric import Fabric
 from torch import Tensor, nn
 from fuselab.data.core import DataBundle, ModalTensors
-from fuselab.data.corruptions import drop_modalities, dropout_rates
+from fuselab.data.corruptions import drop_modalities, dropout_rates, keep_masks
 from fuselab.losses import WeightedLoss
 from fuselab.metrics import classification_metrics, predictions, task_metrics
+from fuselab.models.multistream import MultiStream
 from fuselab.train.config import ConfigError, TrainConfig
 
 
@@ -101,9 +102,13 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, cfg.warmup))
     model, optimizer = fabric.setup(model, optimizer)
     generator = torch.Generator().manual_seed(seed)  # batch order: the same for every method of a seed
+    takes_keep = isinstance(getattr(model, "module", model), MultiStream)  # Fabric's wrapper keeps the original
     forward = _forward_fn(model, fabric, cfg.precision)
     world, rank = fabric.world_size, fabric.global_rank
-    try:  # modality dropout: per-sample zeroed inputs, drawn from a generator seeded per epoch (resumable)
+    # modality dropout: per-sample masks drawn from a generator seeded per epoch (resumable); a MultiStream
+    # zeroes the dropped streams at its encoders' outputs (no gradient reaches a dropped encoder), any other
+    # model gets zeroed inputs
+    try:
         dropout = dropout_rates(getattr(cfg, "modality_dropout", 0.0), data.modalities)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
@@ -129,9 +134,12 @@ def fit(
         for x, y in data.train.batches(cfg.batch_size, generator=generator, shuffle=True):
             if world > 1:  # data parallel: each process takes its share of the same global batch
                 x, y = {m: v[rank::world] for m, v in x.items()}, y[rank::world]
-            if drop_gen is not None:
-                x = drop_modalities(x, dropout, drop_gen)
-            output = forward(x)
+            if drop_gen is not None and takes_keep:
+                output = forward(x, keep=keep_masks(len(y), dropout, drop_gen, device=y.device))
+            else:
+                if drop_gen is not None:
+                    x = drop_modalities(x, dropout, drop_gen)
+                output = forward(x)
             total, values = loss(output, y)
             optimizer.zero_grad(set_to_none=True)
             fabric.backward(total)
@@ -231,9 +239,9 @@ def _forward_fn(model: nn.Module, fabric: Fabric, precision: str) -> Callable[[A
     if inner is None or not (precision.startswith(("32", "64")) or precision.endswith("-mixed")):
         return model
 
-    def forward(x: Any) -> Any:
+    def forward(x: Any, **kwargs: Any) -> Any:
         with fabric.autocast():
-            return inner(x)
+            return inner(x, **kwargs)
 
     return forward
 
