@@ -65,12 +65,19 @@ def focal(*, gamma: float = 2.0) -> LossTerm:
 
 @LOSSES.register("aux-unimodal")
 def aux_unimodal(*, label_smoothing: float = 0.0) -> LossTerm:
-    """Mean cross-entropy of the per-modality heads (needs a model with per-modality logits)."""
+    """Mean cross-entropy of the per-modality heads (needs a model with per-modality logits); per-pixel logits
+    work too, unlabelled pixels (``IGNORE_INDEX``, PyTorch's default ``ignore_index``) are left out."""
 
     def term(output: ModelOutput, target: Tensor) -> Tensor:
         if not output.modality_logits:
             raise ValueError("loss term 'aux-unimodal' needs per-modality heads: set model.modality_heads=true")
-        losses = [F.cross_entropy(lg, target, label_smoothing=label_smoothing) for lg in output.modality_logits.values()]
+        logits = list(output.modality_logits.values())
+        if logits[0].dim() > 2:  # per-pixel: mean over the labelled pixels, 0 (not NaN) when there are none
+            labelled = (target != -100).sum().clamp_min(1)
+            losses = [F.cross_entropy(lg, target, reduction="none", label_smoothing=label_smoothing).sum() / labelled
+                      for lg in logits]
+        else:
+            losses = [F.cross_entropy(lg, target, label_smoothing=label_smoothing) for lg in logits]
         return torch.stack(losses).mean()
 
     return term
@@ -84,6 +91,21 @@ def aux(*, include: str = "*") -> LossTerm:
     def term(output: ModelOutput, target: Tensor) -> Tensor:
         values = [v for k, v in output.aux_losses.items() if fnmatch.fnmatchcase(k, include)]
         return torch.stack(values).sum() if values else output.logits.new_zeros(())
+
+    return term
+
+
+@LOSSES.register("cen-sparsity")
+def cen_sparsity() -> LossTerm:
+    """CEN's L1 sparsity term: the sum of ``cen_sparsity`` of every ``channel-exchange`` in the model, i.e.
+    |BN scale| summed over each modality's own part of the channels (use weight 2e-4, the paper's lambda).
+    A model without a channel exchange is an error, not a silent zero."""
+
+    def term(output: ModelOutput, target: Tensor) -> Tensor:
+        values = [v for k, v in output.aux_losses.items() if k.rsplit(".", 1)[-1] == "cen_sparsity"]
+        if not values:
+            raise ValueError("loss term 'cen-sparsity' needs a model with a channel-exchange (e.g. model.name=cen)")
+        return torch.stack(values).sum()
 
     return term
 

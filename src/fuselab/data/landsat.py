@@ -168,6 +168,7 @@ def landsat_cd(
     tile: int = 32,
     tile_stride: int = 16,
     augment: bool = True,
+    difference: bool = False,
 ) -> DataBundle:
     """A bi-temporal Landsat scene with fixed spatial folds (see the module docstring).
 
@@ -183,6 +184,8 @@ def landsat_cd(
         tile: side of the training windows.
         tile_stride: step between training windows.
         augment: a random rotation / flip per training batch (the 8 symmetries of the square).
+        difference: add a third modality ``diff``, the later minus the earlier date (standardised images), for
+            three-stream models such as CEN with three modalities.
     """
     for key, value, least in (("folds", folds, 3), ("block", block, 1), ("tile", tile, 4), ("tile_stride", tile_stride, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -209,9 +212,12 @@ def landsat_cd(
         change_mask, unchanged_mask = place(change_mask), place(unchanged_mask)
     scaled, labels, shape = load_scene((paths[0], paths[1]), change_mask, unchanged_mask)
     scene = torch.from_numpy(scaled)
+    names = MODALITIES
+    if difference:
+        scene, names = torch.cat([scene, (scene[1] - scene[0]).unsqueeze(0)]), (*MODALITIES, "diff")
     label_map = torch.from_numpy(labels)
     fold_map = torch.from_numpy(block_folds(tuple(shape), block, folds))
-    make = lambda f: fold_bundle(scene, label_map, fold_map, f, folds, tile, tile_stride, augment)  # noqa: E731
+    make = lambda f: fold_bundle(scene, label_map, fold_map, f, folds, tile, tile_stride, augment, names)  # noqa: E731
     if fold is not None:
         return make(fold)
     bundles = [make(f) for f in range(folds)]

@@ -22,7 +22,7 @@ from fuselab.train.config import ConfigError, make_config, read_yaml
 SPEC_KEYS = ("name", "description", "base", "grid", "variants", "seeds", "baseline", "metric", "plugins",
              "search", "direction", "budget", "match_params", "trials")
 BUDGETS = ("equal-epochs", "equal-trials")
-METRICS = ("accuracy", "macro_f1")
+METRICS = ("accuracy", "macro_f1", "kappa", "f1_change", "iou_change", "miou")  # the test metrics of the tasks
 # execution details: they change how a run executes, not what it computes, so they are not in its id
 EXECUTION_KEYS = (
     "train.threads", "train.tensorboard", "train.checkpoint", "train.eval_batch_size", "train.checkpoint_every",

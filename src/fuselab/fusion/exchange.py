@@ -1,4 +1,5 @@
-"""Standalone exchanges between feature-map streams: rectify (CMX), spatial-exchange and channel-exchange-p.
+"""Standalone exchanges between feature-map streams: rectify (CMX), spatial-exchange, channel-exchange-p
+(Changer) and channel-exchange (CEN).
 
 Legend: b batch, m modality, c channels, h height, w width of a map.
 
@@ -163,3 +164,99 @@ class FeatureRectify(_MapExchange):
         sent = (self.lambda_c * channel + self.lambda_s * spatial) * stacked  # (M, B, C, H, W)
         incoming = mean_of_others(list(sent))
         return {m: x + self.from_common[m](received) for (m, x), received in zip(xs.items(), incoming)}
+
+
+@FUSIONS.register("channel-exchange")
+class ChannelExchange(Exchange):
+    """CEN's channel exchanging: each modality's private batch norm, then every channel whose BN scale is
+    below ``threshold`` in magnitude is replaced by the mean of the other modalities' (normalised) channels
+    at that position; ``aux_losses()`` gives the L1 sparsity term on the BN scales of one disjoint part of
+    the channels per modality, the exchangeable ones.
+
+    Input: per modality the **pre-norm** output of a convolution (in CEN the convolution is shared by the
+    modalities and only the batch norms are private); this operator is that layer's batch norm plus the
+    exchange, so in a network of one's own it replaces the BN after the conv where streams should exchange::
+
+        self.exchange = create_fusion("channel-exchange", dims={"rgb": 64, "depth": 64})
+        h = {m: self.conv(x[m]) for m in x}          # shared conv, no BN
+        h = {m: F.relu(v) for m, v in self.exchange(h).items()}
+        loss = ce + 2e-4 * self.exchange.aux_losses()["cen_sparsity"]   # or loss term cen-sparsity
+
+    Parts: with M modalities in sorted order, modality i owns channels ``[i C / M, (i + 1) C / M)`` of its
+    own width C (for two, the first and the second half, as the official code slices its BN scales). The
+    threshold applies to every channel, as in the official code; the L1 term drives only the owned part
+    towards zero, so in practice those are the channels that get exchanged.
+
+    Paper: Wang et al., "Deep Multimodal Fusion by Channel Exchanging", NeurIPS 2020. Reference: yikaiw/CEN
+    ``semantic_segmentation/models/modules.py`` (Exchange, BatchNorm2dParallel) and ``main.py`` (the L1
+    term on half of each BN's scales, lambda 2e-4, threshold 2e-2). Rule for M modalities (the official code
+    handles two): an exchanged channel receives the mean of the other modalities' channels, which for two
+    is exactly the official swap. Unequal widths: channel k receives the mean over the other modalities
+    that have a channel k; where none has, it keeps its own value.
+    """
+
+    forms = ("map",)
+    multimodal_rule = ("a channel whose |BN scale| < threshold receives the mean of the other modalities' "
+                       "channels (a swap for two); one disjoint part of the channels per modality is sparsified")
+    natural_out_dim = "each modality keeps its own width"
+    paper = "Wang et al., Deep Multimodal Fusion by Channel Exchanging, NeurIPS 2020"
+    reference = "yikaiw/CEN semantic_segmentation/models/modules.py (Exchange, BatchNorm2dParallel), main.py (L1 on BN scales)"
+    formula = ("y_m = BN_m(x_m); y'_m[:, c] = mean_{n != m} y_n[:, c] if |gamma_m[c]| < threshold else y_m[:, c]; "
+               "L_sparsity = sum_m sum_{c in part_m} |gamma_m[c]|")
+
+    def __init__(self, dims: Mapping[str, int], *, threshold: float = 2e-2) -> None:
+        super().__init__(dims)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0:
+            raise ValueError(f"channel-exchange: threshold must be a number >= 0, got {threshold!r}")
+        n = len(self.modalities)
+        narrow = {m: d for m, d in self.dims.items() if d < n}
+        if narrow:
+            m = sorted(narrow)[0]
+            raise ValueError(f"channel-exchange: modality '{m}' has {narrow[m]} channels; each of the {n} "
+                             f"modalities owns a part of the channels, so every width must be >= {n}")
+        self.threshold = float(threshold)
+        self.norms = nn.ModuleDict({m: nn.BatchNorm2d(d) for m, d in self.dims.items()})
+        self.parts = {m: ((i * self.dims[m]) // n, ((i + 1) * self.dims[m]) // n) for i, m in enumerate(self.modalities)}
+        self.width = max(self.dims.values())
+        self.equal = len(set(self.dims.values())) == 1
+
+    def exchanged(self) -> dict[str, Tensor]:
+        """Per modality, the (C,) booleans of the channels that are replaced (|gamma| < threshold)."""
+        return {m: self.norms[m].weight.detach().abs() < self.threshold for m in self.modalities}
+
+    def incoming(self, ys: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per modality, what each of its channels would receive: the mean of the other modalities there."""
+        if self.equal:
+            return dict(zip(self.modalities, mean_of_others([ys[m] for m in self.modalities])))
+        b, _, h, w = next(iter(ys.values())).shape
+        padded, present = [], []
+        for m in self.modalities:
+            y = ys[m]
+            pad = y.new_zeros(b, self.width - y.shape[1], h, w)
+            padded.append(torch.cat([y, pad], dim=1))
+            present.append(torch.arange(self.width, device=y.device) < y.shape[1])
+        total, count = torch.stack(padded).sum(0), torch.stack(present).sum(0)
+        out = {}
+        for i, m in enumerate(self.modalities):
+            d = self.dims[m]
+            others = (count - present[i].long())[:d]  # how many other modalities have channel k
+            mean = (total - padded[i])[:, :d] / others.clamp_min(1).view(1, -1, 1, 1).to(total.dtype)
+            out[m] = torch.where((others > 0).view(1, -1, 1, 1), mean, ys[m])
+        return out
+
+    def exchange(self, xs: dict[str, Tensor]) -> dict[str, Tensor]:
+        ys = {m: self.norms[m](xs[m]) for m in self.modalities}
+        received = self.incoming(ys)
+        return {
+            m: torch.where((self.norms[m].weight.abs() < self.threshold).view(1, -1, 1, 1), received[m], ys[m])
+            for m in xs
+        }
+
+    def aux_losses(self) -> dict[str, Tensor]:
+        """``cen_sparsity``: sum over modalities of |gamma| on that modality's own part of the channels."""
+        terms = [self.norms[m].weight[lo:hi].abs().sum() for m, (lo, hi) in self.parts.items()]
+        return {"cen_sparsity": torch.stack(terms).sum()}
+
+    def epoch_stats(self) -> dict[str, float]:
+        """Per modality, the share of channels that are currently exchanged (logged once per epoch)."""
+        return {f"exchanged/{m}": float(mask.float().mean()) for m, mask in self.exchanged().items()}

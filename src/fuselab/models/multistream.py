@@ -175,7 +175,10 @@ class MultiStream(nn.Module):
         if self.modality_heads is not None:
             modality_logits = {m: self.modality_heads[m](z) for m, z in streams.items()}
         if self.merge.produces_logits:
-            per_modality = self.merge.modality_logits(streams)
+            if getattr(self.merge, "dense", False):  # per-modality dense heads need the input's size
+                per_modality = self.merge.modality_logits(streams, size=next(iter(inputs.values())).shape[-2:])
+            else:
+                per_modality = self.merge.modality_logits(streams)
             logits = self.merge.combine(per_modality)
             features = None
             modality_logits = per_modality if modality_logits is None else modality_logits
@@ -199,11 +202,15 @@ class MultiStream(nn.Module):
 
 def _mask_streams(streams: Mapping[str, Tensor], keep: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Multiply each listed stream by its per-sample keep mask (broadcast over the feature axes)."""
+    def apply(z: Tensor | Sequence[Tensor], mask: Tensor) -> Tensor | list[Tensor]:
+        if isinstance(z, (list, tuple)):  # a stream of several stage maps
+            return [apply(v, mask) for v in z]  # type: ignore[misc]
+        return z * mask.to(z.dtype).view(-1, *([1] * (z.dim() - 1)))
+
     out = dict(streams)
     for m, mask in keep.items():
         if m in out:
-            z = out[m]
-            out[m] = z * mask.to(z.dtype).view(-1, *([1] * (z.dim() - 1)))
+            out[m] = apply(out[m], mask)
     return out
 
 

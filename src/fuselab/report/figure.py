@@ -185,7 +185,28 @@ def _describe_generic(cfg: Mapping[str, Any], dims: Mapping[str, int], num_class
     )
 
 
-DESCRIBERS: dict[str, Callable[[Mapping[str, Any], Mapping[str, int], int], Diagram]] = {"mlp-streams": _describe_mlp}
+def _describe_cen(cfg: Mapping[str, Any], dims: Mapping[str, int], num_classes: int) -> Diagram:
+    """CEN: conv stages (shared convolutions, private BNs), a channel exchange in every stage, a head per
+    lane and the learned ensemble of their logits."""
+    model = dict(cfg["model"])
+    widths = [int(w) for w in model.get("widths") or [16, 32, 64]]
+    exchange = dict(cfg.get("exchange") or {})
+    threshold = exchange.get("threshold", model.get("threshold", 2e-2))
+    shared = bool(model.get("shared_weights", True))
+    lanes = {m: (Block(m, f"d={dims[m]}"), [Block(f"Conv {s + 1}", f"d={w}") for s, w in enumerate(widths)]) for m in sorted(dims)}
+    exchanges = []
+    if model.get("exchanging", True):
+        exchanges = [Exchange("channel-exchange", [s], False, 0, f"|γ|<{threshold}") for s in range(len(widths) - 1)]
+    return Diagram(
+        lanes=lanes, merge_at=[len(widths) - 1], merge=Block("ensemble", "softmax(α) of the heads"), exchanges=exchanges,
+        lane_heads=Block("Head", f"→{num_classes}"), output=f"{num_classes} classes", title="cen, channel exchanging",
+        note=("convolutions shared by the lanes, batch norms private; " if shared else "private convolutions and batch norms; ")
+        + "an exchange inside every stage",
+    )
+
+
+DESCRIBERS: dict[str, Callable[[Mapping[str, Any], Mapping[str, int], int], Diagram]] = {
+    "mlp-streams": _describe_mlp, "cen": _describe_cen}
 
 
 def describe(cfg: Any, *, dims: Mapping[str, int] | None = None, num_classes: int | None = None) -> Diagram:

@@ -103,6 +103,7 @@ def fit(
     model, optimizer = fabric.setup(model, optimizer)
     generator = torch.Generator().manual_seed(seed)  # batch order: the same for every method of a seed
     takes_keep = isinstance(getattr(model, "module", model), MultiStream)  # Fabric's wrapper keeps the original
+    stat_modules = [(n, m) for n, m in getattr(model, "module", model).named_modules() if callable(getattr(m, "epoch_stats", None))]
     forward = _forward_fn(model, fabric, cfg.precision)
     world, rank = fabric.world_size, fabric.global_rank
     # modality dropout: per-sample masks drawn from a generator seeded per epoch (resumable); a MultiStream
@@ -163,6 +164,8 @@ def fit(
         row = {"epoch": epoch, "train_loss": means[0], **{f"train_{n}": v for n, v in zip(values, means[1:])}}
         row.update({f"val_{k}": v for k, v in val.items()})
         row["lr"] = scheduler.get_last_lr()[0]
+        for name, module in stat_modules:  # e.g. the share of exchanged channels of each channel-exchange
+            row.update({f"{name}.{k}": v for k, v in module.epoch_stats().items()})
         history.append(row)
         fabric.log_dict({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
         score = sign * val[cfg.monitor]

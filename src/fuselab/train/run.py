@@ -53,7 +53,13 @@ def build_model(cfg: DictConfig, data: DataBundle) -> torch.nn.Module:
         options.setdefault("dense", True)  # per-pixel logits for the dense tasks
     if "example" in inspect.signature(builder).parameters:  # builders that measure their encoders' outputs
         options["example"] = data.train.take(torch.arange(min(2, len(data.train))))[0]
-    return builder(dims=data.dims, num_classes=data.num_classes, fusion=section(cfg, "fusion"), **options)
+    model = builder(dims=data.dims, num_classes=data.num_classes, fusion=section(cfg, "fusion"), **options)
+    terms = {t["name"] for t in section(cfg, "loss")["terms"]}
+    needed = [t for t in getattr(model, "required_loss_terms", ()) if t not in terms]
+    if needed:  # e.g. CEN: each stream is trained only by its own head's loss
+        raise ConfigError(f"model {name} needs loss term '{needed[0]}' (each stream learns from its own head); add it, "
+                          f"e.g. loss.terms='[{{name: ce}}, {{name: {needed[0]}}}]'")
+    return model
 
 
 def pool_folds(results: list[FitResult], data: DataBundle) -> FitResult:

@@ -1,0 +1,206 @@
+"""CEN: the channel-exchange operator (2 and 3 modalities, unequal widths), its sparsity term, the ``cen``
+builder (shared convolutions, private BNs, ensemble), its use in a network of one's own, and a real run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fuselab import create_fusion, fusion_info
+from fuselab.losses import WeightedLoss
+from fuselab.models.cen import CENEnsemble, ParallelConv, cen
+from fuselab.models.output import ModelOutput
+from fuselab.train.config import ConfigError, make_config
+from fuselab.train.run import execute
+
+B, C, H, W = 4, 8, 5, 5
+
+
+def _maps(dims, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {m: torch.randn(B, d, H, W, generator=g) * 3 + 1 for m, d in dims.items()}
+
+
+def _bn(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """Batch norm in training mode, by hand."""
+    mean, var = x.mean((0, 2, 3), keepdim=True), x.var((0, 2, 3), unbiased=False, keepdim=True)
+    return (x - mean) / torch.sqrt(var + bn.eps) * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("names", [("a", "b"), ("a", "b", "c")])
+def test_a_channel_with_zero_scale_receives_the_mean_of_the_others(names):
+    op = create_fusion("channel-exchange", dims={m: C for m in names})
+    with torch.no_grad():
+        for m in names:
+            op.norms[m].weight.uniform_(0.5, 1.5)
+            op.norms[m].bias.uniform_(-1, 1)
+        op.norms["a"].weight[[2, 5]] = 0.0  # channels 2 and 5 of 'a' are exchanged
+        op.norms["b"].weight[6] = 0.01  # below the threshold 2e-2 too
+    xs = _maps({m: C for m in names})
+    out = op(xs)
+    normed = {m: _bn(xs[m], op.norms[m]) for m in names}
+    others_a = torch.stack([normed[m] for m in names if m != "a"]).mean(0)
+    others_b = torch.stack([normed[m] for m in names if m != "b"]).mean(0)
+    for k in range(C):
+        expected_a = others_a[:, k] if k in (2, 5) else normed["a"][:, k]
+        expected_b = others_b[:, k] if k == 6 else normed["b"][:, k]
+        torch.testing.assert_close(out["a"][:, k], expected_a, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out["b"][:, k], expected_b, rtol=1e-5, atol=1e-5)
+    if len(names) == 3:  # nothing below the threshold in 'c': untouched (its own normalised map)
+        torch.testing.assert_close(out["c"], normed["c"], rtol=1e-5, atol=1e-5)
+    else:  # two modalities: exactly the official swap
+        torch.testing.assert_close(out["a"][:, 5], normed["b"][:, 5], rtol=1e-5, atol=1e-5)
+
+
+def test_exchanged_channels_pass_their_gradient_to_the_sender():
+    op = create_fusion("channel-exchange", dims={"a": C, "b": C})
+    with torch.no_grad():
+        op.norms["a"].weight[3] = 0.0
+    xs = {m: v.requires_grad_(True) for m, v in _maps({"a": C, "b": C}).items()}
+    op(xs)["a"][:, 3].sum().backward()  # a's channel 3 is b's normalised channel 3
+    assert xs["a"].grad.abs().sum() == 0
+    assert xs["b"].grad[:, 3].abs().sum() > 0 and xs["b"].grad[:, [0, 1, 2, 4]].abs().sum() == 0
+
+
+def test_unequal_widths_exchange_where_another_modality_has_the_channel():
+    dims = {"a": 4, "b": 6, "c": 8}
+    op = create_fusion("channel-exchange", dims=dims)
+    with torch.no_grad():
+        op.norms["c"].weight[[1, 7]] = 0.0  # channel 7 exists only in c: it keeps its own value
+    xs = _maps(dims)
+    out = op(xs)
+    normed = {m: _bn(xs[m], op.norms[m]) for m in dims}
+    torch.testing.assert_close(out["c"][:, 1], (normed["a"][:, 1] + normed["b"][:, 1]) / 2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["c"][:, 7], normed["c"][:, 7], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("names", [("a", "b"), ("a", "b", "c")])
+def test_sparsity_term_covers_one_disjoint_part_per_modality(names):
+    op = create_fusion("channel-exchange", dims={m: 12 for m in names})
+    value = op.aux_losses()["cen_sparsity"]
+    assert value.item() == pytest.approx(12.0)  # every |gamma| starts at 1: 12 / M channels per modality, M parts
+    value.backward()
+    n = len(names)
+    owned = torch.zeros(n, 12)
+    for i, m in enumerate(names):
+        grad = op.norms[m].weight.grad
+        part = slice(i * 12 // n, (i + 1) * 12 // n)
+        assert torch.equal(grad[part], torch.ones(12 // n))  # d|gamma|/dgamma = sign(gamma) = 1
+        rest = torch.ones(12, dtype=torch.bool)
+        rest[part] = False
+        assert torch.equal(grad[rest], torch.zeros(12 - 12 // n))  # zero outside its part
+        owned[i, part] = 1
+    assert torch.equal(owned.sum(0), torch.ones(12))  # the parts are disjoint and cover every channel
+    assert op.norms["a"].bias.grad is None
+
+
+def test_channel_exchange_metadata_and_bad_options():
+    info = fusion_info("channel-exchange")
+    assert (info.contract, info.kind, info.forms) == ("exchange", "standalone", ("map",))
+    assert info.options == {"threshold": 2e-2}
+    with pytest.raises(ValueError, match="threshold must be a number >= 0"):
+        create_fusion("channel-exchange", dims={"a": 4, "b": 4}, threshold=-1)
+    with pytest.raises(ValueError, match="every width must be >= 3"):
+        create_fusion("channel-exchange", dims={"a": 2, "b": 4, "c": 4})
+
+
+def test_cen_sparsity_loss_term_reads_the_models_exchanges():
+    model = cen(dims={"t1": 3, "t2": 3}, num_classes=2, widths=[4, 8])
+    out = model({"t1": torch.randn(2, 3, 8, 8), "t2": torch.randn(2, 3, 8, 8)})
+    assert sorted(out.aux_losses) == ["exchange.stages.0.norm.cen_sparsity", "exchange.stages.1.0.norm1.cen_sparsity"]
+    loss = WeightedLoss([{"name": "cen-sparsity", "weight": 2e-4}])
+    total, values = loss(out, torch.zeros(2, dtype=torch.long))
+    assert values["cen-sparsity"].item() == pytest.approx(4 + 8)  # half of each modality's channels at |gamma| = 1
+    assert total.item() == pytest.approx(2e-4 * 12)
+    plain = ModelOutput(logits=torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="needs a model with a channel-exchange"):
+        loss(plain, torch.zeros(2, dtype=torch.long))
+
+
+def test_cen_convolutions_are_shared_and_batch_norms_private():
+    model = cen(dims={"t1": 3, "t2": 3}, num_classes=2, widths=[4, 8])
+    names = [n for n, _ in model.named_parameters()]
+    assert any("stages.0.conv.conv.weight" in n for n in names)  # one stem conv for both
+    assert not any(".convs." in n for n in names)
+    assert any("norms.t1" in n for n in names) and any("norms.t2" in n for n in names)
+    private = cen(dims={"t1": 3, "t2": 3}, num_classes=2, widths=[4, 8], shared_weights=False)
+    assert sum(p.numel() for p in private.parameters()) > sum(p.numel() for p in model.parameters())
+    # the shared pass over the stacked modalities equals running the one conv on each modality
+    conv = ParallelConv(["a", "b"], lambda _: nn.Conv2d(3, 4, 3, padding=1), shared=True)
+    xs = {"a": torch.randn(2, 3, 6, 6), "b": torch.randn(2, 3, 6, 6)}
+    out = conv(xs)
+    for m in xs:
+        torch.testing.assert_close(out[m], conv.conv(xs[m]))
+
+
+def test_cen_ensemble_weights_sum_to_one_and_mix_detached_logits():
+    ens = CENEnsemble({m: nn.Linear(4, 3) for m in ("a", "b", "c")}, dense=False, detach=True)
+    with torch.no_grad():
+        ens.alpha.copy_(torch.tensor([0.3, -1.0, 2.0]))
+    w = ens.weights()
+    assert w.sum().item() == pytest.approx(1.0) and (w > 0).all()
+    assert ens.weights(["a", "c"]).sum().item() == pytest.approx(1.0)
+    xs = {m: torch.randn(5, 4) for m in ("a", "b", "c")}
+    logits = ens.modality_logits(xs)
+    mixed = ens.combine(logits)
+    torch.testing.assert_close(mixed, sum(w[i] * logits[m] for i, m in enumerate(("a", "b", "c"))))
+    mixed.sum().backward()
+    assert ens.alpha.grad is not None and ens.alpha.grad.abs().sum() > 0
+    assert all(ens.heads[m].weight.grad is None for m in ("a", "b", "c"))  # the ensemble trains only alpha
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_cen_dense_and_classification_outputs(n):
+    dims = {f"m{i}": 3 for i in range(n)}
+    xs = {m: torch.randn(2, 3, 16, 16) for m in dims}
+    dense = cen(dims=dims, num_classes=2, widths=[4, 8, 8], dense=True)(xs)
+    assert dense.logits.shape == (2, 2, 16, 16)
+    assert sorted(dense.modality_logits) == sorted(dims) and all(v.shape == (2, 2, 16, 16) for v in dense.modality_logits.values())
+    pooled = cen(dims=dims, num_classes=5, widths=[4, 8])(xs)
+    assert pooled.logits.shape == (2, 5)
+
+
+def test_channel_exchange_in_a_network_of_ones_own():
+    class TwoStream(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)  # shared by both streams
+            self.exchange = create_fusion("channel-exchange", dims={"rgb": 8, "depth": 8})
+            self.head = nn.Linear(16, 2)
+
+        def forward(self, x):
+            h = self.exchange({m: self.conv(v) for m, v in x.items()})
+            return self.head(torch.cat([F.relu(h[m]).mean((2, 3)) for m in ("rgb", "depth")], 1))
+
+    net = TwoStream()
+    x = {"rgb": torch.randn(4, 3, 8, 8), "depth": torch.randn(4, 3, 8, 8)}
+    y = torch.tensor([0, 1, 0, 1])
+    loss = F.cross_entropy(net(x), y) + 2e-4 * net.exchange.aux_losses()["cen_sparsity"]
+    loss.backward()
+    assert net.conv.weight.grad.abs().sum() > 0
+    assert all(net.exchange.norms[m].weight.grad.abs().sum() > 0 for m in ("rgb", "depth"))
+
+
+def test_cen_needs_its_unimodal_loss_term(data_root, tmp_path):
+    cfg = make_config({"data": {"name": "landsat-cd", "fold": 0}, "model": {"name": "cen", "widths": [4, 8]},
+                       "loss": {"terms": [{"name": "dense-ce"}]}, "train": {"epochs": 1}},
+                      [f"data.data_root={data_root}"])
+    with pytest.raises(ConfigError, match="needs loss term 'aux-unimodal'"):
+        execute(cfg, tmp_path / "run")
+
+
+def test_small_real_cen_run_on_landsat_reaches_kappa_well_above_zero(data_root, tmp_path):
+    cfg = make_config({
+        "data": {"name": "landsat-cd", "fold": 0, "difference": True},
+        "model": {"name": "cen", "widths": [8, 16]},
+        "loss": {"terms": [{"name": "dense-ce"}, {"name": "aux-unimodal"}, {"name": "cen-sparsity", "weight": 2e-2}]},
+        "train": {"epochs": 2, "batch_size": 16, "lr": 3e-3, "threads": 1},
+    }, [f"data.data_root={data_root}"])
+    result = execute(cfg, tmp_path / "run")
+    assert result.metrics["test_kappa"] > 0.5, result.metrics  # chance is 0
+    row = result.history[-1]
+    shares = [v for k, v in row.items() if "exchanged/" in k]
+    assert len(shares) == 2 * 3 and all(0.0 <= v <= 1.0 for v in shares)  # 2 exchanges x 3 streams (t1, t2, diff)
+    assert row["train_cen-sparsity"] < result.history[0]["train_cen-sparsity"]  # the L1 term shrinks the scales
