@@ -204,3 +204,19 @@ def test_small_real_cen_run_on_landsat_reaches_kappa_well_above_zero(data_root, 
     shares = [v for k, v in row.items() if "exchanged/" in k]
     assert len(shares) == 2 * 3 and all(0.0 <= v <= 1.0 for v in shares)  # 2 exchanges x 3 streams (t1, t2, diff)
     assert row["train_cen-sparsity"] < result.history[0]["train_cen-sparsity"]  # the L1 term shrinks the scales
+
+
+def test_switching_the_exchange_off_keeps_the_network_and_its_sparsity_term():
+    xs = {"t1": torch.randn(2, 3, 8, 8), "t2": torch.randn(2, 3, 8, 8)}
+    on = cen(dims={"t1": 3, "t2": 3}, num_classes=2, widths=[4, 8])
+    off = cen(dims={"t1": 3, "t2": 3}, num_classes=2, widths=[4, 8], exchanging=False)
+    assert off.load_state_dict(on.state_dict()) is not None  # the same parameters, name for name
+    with torch.no_grad():
+        for m in on.modules():
+            if hasattr(m, "threshold"):
+                m.norms["t1"].weight[0] = 0.0  # would be exchanged by 'on'
+        off.load_state_dict(on.state_dict())
+    on.eval(), off.eval()
+    assert not torch.allclose(on(xs).logits, off(xs).logits)
+    assert off(xs).aux_losses.keys() == on(xs).aux_losses.keys()
+    torch.testing.assert_close(torch.stack(list(off(xs).aux_losses.values())), torch.stack(list(on(xs).aux_losses.values())))

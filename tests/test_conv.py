@@ -108,3 +108,14 @@ def test_segmentation_miou_over_present_classes():
     # IoU: class 0 1/2, class 1 2/3, class 2 1, class 3 absent from both -> not averaged
     assert m["miou"].item() == pytest.approx((0.5 + 2 / 3 + 1) / 3)
     assert m["accuracy"].item() == pytest.approx(4 / 5)
+
+
+def test_conv_encoder_reads_images_and_spectrograms_to_vectors():
+    from fuselab.models.conv import ConvEncoder
+
+    enc = ConvEncoder(widths=[4, 8, 12])
+    assert enc(torch.randn(3, 1, 28, 28)).shape == (3, 12)
+    spec = torch.randn(3, 64, 32)  # (B, T, F): one channel
+    torch.testing.assert_close(enc(spec), enc(spec.unsqueeze(1)))
+    enc(spec).sum().backward()
+    assert all(p.grad is not None for p in enc.parameters())

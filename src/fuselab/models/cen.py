@@ -75,6 +75,21 @@ class ParallelNorm(nn.Module):
         return {m: self.norms[m](x) for m, x in xs.items()}
 
 
+class SparseParallelNorm(ParallelNorm):
+    """Private batch norms in the place of a channel exchange that is switched off (``exchanging: false``):
+    the same L1 term on the same parts of the BN scales (``cen_sparsity``), no exchange, so an ablation
+    changes only the exchange."""
+
+    def __init__(self, modalities: Sequence[str], channels: int) -> None:
+        super().__init__(modalities, channels)
+        n = len(modalities)
+        self.parts = {m: ((i * channels) // n, ((i + 1) * channels) // n) for i, m in enumerate(sorted(modalities))}
+
+    def aux_losses(self) -> dict[str, Tensor]:
+        terms = [self.norms[m].weight[lo:hi].abs().sum() for m, (lo, hi) in self.parts.items()]
+        return {"cen_sparsity": torch.stack(terms).sum()}
+
+
 def _relu(xs: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {m: torch.relu(x) for m, x in xs.items()}
 
@@ -82,7 +97,7 @@ def _relu(xs: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def _norm_or_exchange(modalities: Sequence[str], channels: int, exchanging: bool, threshold: float) -> nn.Module:
     if exchanging:
         return ChannelExchange({m: channels for m in modalities}, threshold=threshold)
-    return ParallelNorm(modalities, channels)
+    return SparseParallelNorm(modalities, channels)
 
 
 class CENStem(nn.Module):
@@ -221,7 +236,7 @@ def cen(
         widths: channels of each stage (default [16, 32, 64]); stage s > 0 halves the resolution.
         blocks: basic blocks per stage after the first.
         shared_weights: one set of convolutions for all modalities (CEN); False: private convolutions.
-        exchanging: exchange channels (False: the same network with private BNs only).
+        exchanging: exchange channels (False: the same network and loss, private BNs, nothing exchanged).
         threshold: |BN scale| below which a channel is exchanged (the paper's 2e-2).
         detach_ensemble: the ensemble mixes detached logits (official code), so only ``alpha`` learns from
             the ensemble's loss; the streams then need loss term ``aux-unimodal``.
@@ -271,4 +286,4 @@ def cen(
     return model
 
 
-__all__ = ["CENBlock", "CENEnsemble", "CENStages", "CENStem", "DenseModalityHead", "ParallelConv", "ParallelNorm", "cen"]
+__all__ = ["CENBlock", "CENEnsemble", "CENStages", "CENStem", "DenseModalityHead", "ParallelConv", "ParallelNorm", "SparseParallelNorm", "cen"]

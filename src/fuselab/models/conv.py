@@ -77,6 +77,31 @@ def conv_stage(index: int, in_channels: int, out_channels: int, *, blocks: int, 
     return nn.Sequential(*layers)
 
 
+class ConvEncoder(nn.Module):
+    """A small ResNet-style encoder of one modality to a vector, for ``custom-streams`` (import path
+    ``fuselab.models.conv.ConvEncoder``): the ``conv-streams`` stages, then global average pooling.
+    A 2-D input per sample (a spectrogram (T, F)) is read as one channel.
+
+    Args:
+        in_channels: input channels (1 for a grey image or a spectrogram).
+        widths: channels of each stage; stage s > 0 halves the resolution.
+        blocks: basic blocks per stage after the first.
+    """
+
+    def __init__(self, in_channels: int = 1, widths: list[int] | None = None, blocks: int = 1) -> None:
+        super().__init__()
+        widths = _positive_ints(widths if widths is not None else [16, 32, 64], "widths")
+        self.stages = nn.Sequential(*[
+            conv_stage(s, in_channels if s == 0 else widths[s - 1], w, blocks=blocks) for s, w in enumerate(widths)
+        ])
+        self.out_dim = widths[-1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:  # (B, T, F): one channel
+            x = x.unsqueeze(1)
+        return self.stages(x).mean((-2, -1))
+
+
 class SharedStage(nn.Module):
     """One module for all modalities, in one batched pass: ``{m: (B, C, H, W)}`` are stacked to (M B, C, H, W),
     run once, and split back (sorted modality order)."""
@@ -235,4 +260,4 @@ def conv_streams(
     )
 
 
-__all__ = ["BasicBlock", "LoopedStage", "SharedStage", "conv_stage", "conv_streams"]
+__all__ = ["BasicBlock", "ConvEncoder", "LoopedStage", "SharedStage", "conv_stage", "conv_streams"]
