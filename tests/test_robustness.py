@@ -89,8 +89,13 @@ def test_rerun_reads_curves_back_and_report_shows_them(evaluated, capsys):
     assert again.cached == 2 and again.evaluated == 0
     from fuselab.report.experiment import build_report
 
-    built = build_report(store.root, "rob", html=False, flops=False, pdf=False, figure=False)
+    built = build_report(store.root, "rob", html=True, flops=False, pdf=False, figure=False)
     assert built.files["robustness_markdown"].is_file()
+    page = built.files["html"].read_text()
+    assert '<table id="robustness">' in page and "missing ER (pp)" in page
+    table = page[page.index('<table id="robustness">'):]
+    assert table[: table.index("</table>")].count("<tr><td>") == 2  # one row per method of the experiment
+    assert 'id="plot-robustness-modalities"' in page and "data:image/png;base64," in page
     report = (store.root / "rob" / "report" / "report.md").read_text()
     assert "## Robustness" in report and "missing ER (pp)" in report
     assert (store.root / "rob" / "report" / "plots" / "robustness.png").is_file()

@@ -282,6 +282,29 @@ def _pm(mean: float, std: float, scale: float = 100.0, digits: int = 1, sign: bo
     return text
 
 
+def table_html(table: pd.DataFrame, baseline: str, *, caption: str = "") -> str:
+    """The summary table as an HTML table (the same cells as ``table_markdown``; best RR in bold)."""
+    from html import escape
+
+    corruptions = table.attrs.get("corruptions") or sorted({c.rsplit("_", 2)[0] for c in table.columns if c.endswith("_rr_mean")})
+    head = ["Method", "Seeds", "Clean acc. (%)"]
+    for c in corruptions:
+        head += [f"{c} RR (%)", f"{c} ER (pp)"]
+    best = {c: table[f"{c}_rr_mean"].max() for c in corruptions}
+    rows = []
+    for r in table.to_dict("records"):
+        cells = [escape(r["method"] + (" (baseline)" if r["method"] == baseline else "")), str(r["seeds"]),
+                 _pm(r["clean_mean"], r["clean_std"])]
+        for c in corruptions:
+            rr = _pm(r[f"{c}_rr_mean"], r[f"{c}_rr_std"])
+            cells.append(f"<b>{rr}</b>" if r[f"{c}_rr_mean"] == best[c] else rr)
+            cells.append("0 (ref.)" if r["method"] == baseline else _pm(r[f"{c}_er_mean"], r[f"{c}_er_std"], sign=True))
+        rows.append("<tr>" + "".join(f"<td>{v}</td>" for v in cells) + "</tr>")
+    return (f'<table id="robustness"><caption>{escape(caption)}</caption><thead><tr>'
+            + "".join(f"<th>{escape(h)}</th>" for h in head) + "</tr></thead>\n<tbody>\n" + "\n".join(rows)
+            + "\n</tbody></table>\n")
+
+
 def table_markdown(table: pd.DataFrame, baseline: str, *, caption: str = "") -> str:
     """The summary table in Markdown: clean accuracy (%), per corruption RR (%) and ER (pp), best RR in bold."""
     corruptions = table.attrs.get("corruptions") or sorted({c.rsplit("_", 2)[0] for c in table.columns if c.endswith("_rr_mean")})
@@ -443,12 +466,13 @@ def experiment_robustness(frame: pd.DataFrame, baseline: str) -> tuple[pd.DataFr
 
 
 def report_section(frame: pd.DataFrame, baseline: str, out: Path, *, order: Sequence[str], heading: str,
-                   plots: bool = True, lang: str = "en", formats: Sequence[str] = ("png",)) -> tuple[list[str], dict[str, Path]]:
-    """The robustness part of an experiment's report (Markdown lines and files written under ``out``): the
-    summary table, the per-modality tables and the per-modality curves; nothing when no run has curves."""
+                   plots: bool = True, lang: str = "en", formats: Sequence[str] = ("png",)) -> tuple[list[str], dict[str, Path], str]:
+    """The robustness part of an experiment's report: Markdown lines, the files written under ``out`` (the
+    summary table, the per-modality tables and the per-modality curves) and the summary table in HTML;
+    nothing when no run has curves."""
     found = experiment_robustness(frame, baseline)
     if found is None:
-        return [], {}
+        return [], {}, ""
     curves, areas = found
     key = None
     for path in frame["path"]:
@@ -466,7 +490,9 @@ def report_section(frame: pd.DataFrame, baseline: str, out: Path, *, order: Sequ
         lines += ["![robustness per modality](plots/robustness_modalities.png)", "",
                   "*Test accuracy against corruption level, one corrupted modality per column, mean over seeds.*", ""]
     lines += ["Per-modality tables: robustness.md; areas per run: robustness.csv.", ""]
-    return lines, {f"robustness_{k}" if not k.startswith("plot:") else k: v for k, v in files.items()}
+    files = {f"robustness_{k}" if not k.startswith("plot:") else k: v for k, v in files.items()}
+    html = table_html(table, baseline, caption=legend(key, baseline))
+    return lines, files, html
 
 
 def plot_modality_curves(curves: pd.DataFrame, stem: str | Path, *, order: Sequence[str] | None = None,
@@ -508,4 +534,4 @@ def plot_modality_curves(curves: pd.DataFrame, stem: str | Path, *, order: Seque
 
 __all__ = ["DEFAULT_LEVELS", "RobustnessResult", "RobustnessSettings", "effective_robustness", "evaluate_model",
            "evaluate_run", "experiment_robustness", "logits_omitting", "plot_modality_curves", "relative_robustness", "report_section", "robustness_areas",
-           "robustness_table", "run_robustness", "supports_missing", "table_markdown"]
+           "robustness_table", "run_robustness", "supports_missing", "table_html", "table_markdown"]

@@ -200,7 +200,7 @@ def build_report(store: str | Path, experiment: str, *, lang: str = "en", plots:
             sections += [f"![{name}](plots/{name}.png)", "", f"*{plot['caption']}*", ""]
     from fuselab.experiments.robustness import report_section
 
-    robust_lines, robust_files = report_section(frame, info["baseline"], out, order=list(summary["method"]),
+    robust_lines, robust_files, robust_html = report_section(frame, info["baseline"], out, order=list(summary["method"]),
                                                 heading=text("robustness", lang), plots=plots, lang=lang,
                                                 formats=("png", "pdf") if pdf else ("png",))
     sections += robust_lines
@@ -223,6 +223,7 @@ def build_report(store: str | Path, experiment: str, *, lang: str = "en", plots:
             table_html=summary_table_html(summary, caption=_caption(experiment, info["spec"], seeds, lang), lang=lang,
                                           flops=flops_by_method or None),
             plots=written_plots, figure=network, figure_caption=figure_caption,
+            robustness=(robust_html, robust_files.get("plot:robustness_modalities")) if robust_html else None,
             base_config=base_config, seed=int(base_runs["seed"].iloc[0]),
             overrides={m: overrides.get(m, {}) for m in summary["method"]},
             spec_yaml=yaml.safe_dump(info["spec"], sort_keys=False, allow_unicode=True),

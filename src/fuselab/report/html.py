@@ -131,7 +131,7 @@ def render_html(*, title: str, lang: str, table_html: str, plots: Mapping[str, M
                 figure: Path | None, figure_caption: str, base_config: Mapping[str, Any], seed: int,
                 overrides: Mapping[str, Mapping[str, Any]], spec_yaml: str,
                 environments: Sequence[Mapping[str, Any]], failed: Sequence[Mapping[str, Any]],
-                generated: str) -> str:
+                generated: str, robustness: tuple[str, Path | None] | None = None) -> str:
     """The whole report page as a string (write it with ``Path.write_text(..., encoding="utf-8")``)."""
     import yaml
 
@@ -146,6 +146,12 @@ def render_html(*, title: str, lang: str, table_html: str, plots: Mapping[str, M
             png = next((p for p in plot["files"] if str(p).endswith(".png")), None)
             if png is not None:
                 parts.append(f'<figure id="plot-{_esc(name)}">{_img(png, name)}<figcaption>{_esc(plot["caption"])}</figcaption></figure>')
+    if robustness is not None:  # ``fuselab robustness`` has evaluated the runs: its table and curves
+        table, curves = robustness
+        parts.append(f"<h2>{_esc(text('robustness', lang))}</h2>")
+        parts.append(table)
+        if curves is not None:
+            parts.append(f'<figure id="plot-robustness-modalities">{_img(Path(curves), "robustness per modality")}</figure>')
     if figure is not None:
         parts.append(f"<h2>{_esc(text('network', lang))}</h2>")
         parts.append(f'<figure id="network">{_inline_svg(figure)}<figcaption>{_esc(figure_caption)}</figcaption></figure>')
