@@ -243,3 +243,13 @@ def test_keys_added_later_leave_old_run_ids_alone_at_their_neutral_values():
     for key, neutral in NEUTRAL_DEFAULTS.items():
         assert run_id(make_config(None, ["fusion.name=sum", f"{key}={neutral[0]}"])) == run_id(base)
     assert run_id(make_config(None, ["fusion.name=sum", "train.strategy=ddp"])) != run_id(base)
+
+
+def test_compare_can_train_only_some_methods(tmp_path, capsys):
+    spec = _write(tmp_path, {**TINY, "seeds": [0]})
+    code, out, _ = _cli(capsys, "compare", spec, "--store", str(tmp_path / "s"), "--jobs", "1", "--methods", "concat, lmf-r2")
+    assert code == 0 and "2 trained" in out
+    methods = {r["method"] for r in Store(tmp_path / "s").experiment_runs("tiny") if r["status"] == "done"}
+    assert methods == {"concat", "lmf-r2"}  # sum was left for later
+    code, _, err = _cli(capsys, "compare", spec, "--store", str(tmp_path / "s"), "--methods", "nope")
+    assert code == 2 and "'nope' is not a method of tiny; methods are concat, sum, lmf-r2" in err

@@ -118,6 +118,8 @@ def compare_cmd(
     backend: str = typer.Option("local", "--backend", help="local (processes on this machine) | ray"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: a local instance)"),
     gpus_per_run: float = typer.Option(0.0, "--gpus-per-run", help="GPUs each run asks Ray for"),
+    methods: Optional[str] = typer.Option(None, "--methods", "-m",
+                                          help="train only these methods (comma-separated); the table shows every finished one"),
 ) -> None:
     """Run every method x seed of a spec (skipping finished runs) and print the comparison table."""
     from fuselab.experiments.runner import default_jobs, execute_plan, prepare
@@ -139,6 +141,16 @@ def compare_cmd(
         _print_plan(sp, st, jobs)
         return
     plan = prepare(sp, st)
+    if methods:
+        wanted = [m.strip() for m in methods.split(",") if m.strip()]
+        known = [m.name for m in sp.methods]
+        unknown = [m for m in wanted if m not in known]
+        if unknown or not wanted:
+            from fuselab.train.config import ConfigError
+
+            raise ConfigError(f"--methods: '{unknown[0] if unknown else methods}' is not a method of {sp.name}; "
+                              f"methods are {', '.join(known)}")
+        plan = [r for r in plan if r.method in wanted]
     unique = {r.run_id for r in plan}
     console.print(f"[bold]{sp.name}[/]: {len(sp.methods)} methods x {len(sp.seeds)} seeds = {len(unique)} runs, "
                   f"{jobs} jobs{' on Ray' if backend == 'ray' else ''}, store {st.root}")
