@@ -60,6 +60,18 @@ def test_shipped_default_spec_plans_fourteen_operators_on_three_seeds():
     assert {m.name for m in spec.methods} == set(fuselab.list_fusions("*")) & {m.name for m in spec.methods}
 
 
+def test_every_shipped_spec_plans_with_checked_configs():
+    from fuselab.experiments.spec import shipped_specs
+
+    names = sorted(shipped_specs())
+    assert {"mfeat-compare", "cen-ablation", "mfeat-dropout", "landsat-cd-compare", "mbt-ablation"} <= set(names)
+    for name in names:
+        spec = load_spec(name)
+        plan = spec.plan()  # every method x seed config resolves and passes the option checks
+        assert len({r.run_id for r in plan}) == len(spec.methods) * len(spec.seeds), name
+        assert spec.baseline in {m.name for m in spec.methods}
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """The TINY experiment, swept in two halves as an interrupted sweep and its re-run would."""
