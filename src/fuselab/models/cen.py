@@ -21,8 +21,12 @@ The network of Wang et al. (NeurIPS 2020) at the scale of fuselab's ``conv-strea
   trained by its own head's loss: the run needs loss term ``aux-unimodal`` (and ``cen-sparsity`` at
   weight 2e-4 for the L1 term on the BN scales).
 
-Loss of a CEN run, as in the paper: ``ce`` (or ``dense-ce``) on the ensemble + ``aux-unimodal`` (mean over
-modalities; the official code sums, which only rescales) + 2e-4 ``cen-sparsity``.
+Loss of a CEN run: ``ce`` (or ``dense-ce``) on the ensemble + ``aux-unimodal`` + ``cen-sparsity``. The
+official code's total is ``CE_ens + sum_m CE_m + (M + 1) lambda L1`` (the L1 term is added inside its loop
+over the M + 1 outputs); ``aux-unimodal`` is the *mean* over the modalities, so the official balance is
+``aux-unimodal`` at weight M and ``cen-sparsity`` at weight (M + 1) x 2e-4. Differences from the official
+network besides its size: stage 0 is a stem conv whose BN also exchanges (the official stem BN does not), and
+the official code trains with SGD where fuselab uses AdamW, so L1 weights are not comparable one to one.
 
 Paper: Wang et al., "Deep Multimodal Fusion by Channel Exchanging", NeurIPS 2020. Reference: yikaiw/CEN
 (``semantic_segmentation/models/refinenet.py``, ``modules.py``, ``main.py``).
