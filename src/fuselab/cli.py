@@ -24,6 +24,7 @@ errors = Console(stderr=True, soft_wrap=True)
 DEFAULT_STORE = Path("runs")
 PLUGIN_OPTION = typer.Option(None, "--plugin", help="a plugin .py file or module to load first (repeatable)")
 DEFAULT_SPEC = "mfeat-compare"
+OWN_FUSION_MODELS = ("cen", "cva")  # models whose fusion is built in; their fusion section is not used
 
 
 @app.command("list")
@@ -90,7 +91,10 @@ def run_cmd(
     cfg = make_config(read_yaml(config) if config else None, items)
     run_dir = out / run_id(cfg)
     epochs = int(cfg.train.epochs)
-    console.print(f"[bold]run[/] {cfg.fusion.name} on {cfg.data.name} with {cfg.model.name}, seed {cfg.seed} -> {run_dir}")
+    what = f"{cfg.fusion.name} on {cfg.data.name} with {cfg.model.name}"
+    if cfg.model.name in OWN_FUSION_MODELS:
+        what = f"{cfg.model.name} on {cfg.data.name}"
+    console.print(f"[bold]run[/] {what}, seed {cfg.seed} -> {run_dir}")
     with Progress(TextColumn("epoch"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
         task = progress.add_task("train", total=epochs, info="")
