@@ -155,6 +155,26 @@ def test_late_fusion_without_a_modality_averages_the_others_logits():
     assert torch.allclose(got, expected, atol=1e-6)
 
 
+def test_missing_features_zeroes_the_stream_as_modality_dropout_does():
+    from fuselab.experiments.robustness import logits_dropping_features
+
+    model, data = _model("concat")
+    test = data.test
+    mask = torch.zeros(len(test), dtype=torch.bool)
+    mask[1::3] = True
+    with torch.no_grad():
+        z = {m: model.encoders[m](test.x[m]) for m in ("fou", "kar", "zer")}
+        z["kar"] = torch.where(mask.unsqueeze(1), torch.zeros_like(z["kar"]), z["kar"])  # the stream, not the input
+        expected = model.head(model.trunk(model.merge(z)))
+        got = logits_dropping_features(model, test, "kar", mask, batch_size=100)  # masks follow the batches
+        zero_input = model({**test.x, "kar": torch.zeros_like(test.x["kar"])}).logits
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.allclose(got[~mask], model(test.x).logits[~mask].detach(), atol=1e-5)
+    assert not torch.allclose(got[mask], zero_input[mask], atol=1e-3)  # not the same as a zero input
+    with pytest.raises(ConfigError, match="missing mode must be auto, zeros or features"):
+        RobustnessSettings(missing="nan")
+
+
 # -- corruptions -------------------------------------------------------------------------------------------
 
 

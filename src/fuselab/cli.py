@@ -324,7 +324,7 @@ def robustness_cmd(
     store: Path = typer.Option(DEFAULT_STORE, "--store", "-s", help="result store folder"),
     corruptions: str = typer.Option("noise,drop,missing", "--corruptions", help="comma-separated: noise, drop, missing"),
     levels: str = typer.Option("0:1:0.1", "--levels", help="levels in [0, 1]: start:stop:step or a comma-separated list"),
-    missing: str = typer.Option("auto", "--missing", help="a missing modality: auto (left out where the merge supports it, else zeros) | zeros"),
+    missing: str = typer.Option("auto", "--missing", help="a missing modality: auto (left out where the merge supports it, else zero input) | zeros (zero input) | features (zeroed stream, as modality dropout)"),
     noise_scale: float = typer.Option(1.0, "--noise-scale", help="noise std at level 1, in units of the modality's std"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | auto"),
     force: bool = typer.Option(False, "--force", help="evaluate again runs whose curves are up to date"),

@@ -9,7 +9,8 @@ test split with **one modality corrupted at a time**, at increasing levels in [0
 - ``drop``: each token (vector feature, map position) of the modality set to zero with probability ``level``;
 - ``missing``: a share ``level`` of the test samples lose the modality entirely: it is left out of the input
   (mode ``omit``) when the model's merge declares ``supports_missing`` (``fusion_info``), else set to zero
-  (mode ``zeros``; ``missing="zeros"`` uses zeros for every model).
+  (mode ``zeros``; ``missing="zeros"`` uses zeros for every model; ``missing="features"`` zeroes the
+  modality's stream at the encoder's output, exactly as ``train.modality_dropout`` drops it in training).
 
 Level 0 is the clean test split: it reproduces the run's stored test accuracy exactly (same weights, split and
 evaluation batch size, on the same kind of device). A corruption's random draws depend on the seed, the
@@ -58,6 +59,7 @@ from torch import Tensor, nn
 from fuselab.data.core import DataBundle, ModalTensors
 from fuselab.data.corruptions import CORRUPTIONS, corrupt, missing_mask, modality_sigma
 from fuselab.experiments.store import Store
+from fuselab.models.multistream import MultiStream
 from fuselab.train.config import ConfigError
 
 DEFAULT_LEVELS = tuple(round(i / 10, 1) for i in range(11))  # MultiBench's 0, 0.1, ..., 1
@@ -69,7 +71,7 @@ class RobustnessSettings:
 
     levels: tuple[float, ...] = DEFAULT_LEVELS
     corruptions: tuple[str, ...] = CORRUPTIONS
-    missing: str = "auto"  # auto: omit where the merge supports a missing modality, zeros elsewhere | zeros
+    missing: str = "auto"  # auto: omit where the merge supports a missing modality, zeros elsewhere | zeros | features
     noise_scale: float = 1.0  # noise standard deviation at level 1, in units of the modality's deviation
     device: str = "cpu"
 
@@ -80,8 +82,8 @@ class RobustnessSettings:
         unknown = [c for c in self.corruptions if c not in CORRUPTIONS]
         if unknown or not self.corruptions:
             raise ConfigError(f"unknown corruption '{unknown[0] if unknown else ''}'; corruptions are {', '.join(CORRUPTIONS)}")
-        if self.missing not in ("auto", "zeros"):
-            raise ConfigError(f"missing mode must be auto or zeros, got {self.missing!r}")
+        if self.missing not in ("auto", "zeros", "features"):
+            raise ConfigError(f"missing mode must be auto, zeros or features, got {self.missing!r}")
         if not self.noise_scale > 0:
             raise ConfigError(f"noise scale must be positive, got {self.noise_scale}")
         object.__setattr__(self, "levels", tuple(levels))
@@ -133,6 +135,20 @@ def logits_omitting(model: nn.Module, split: ModalTensors, modality: str, mask: 
     return out
 
 
+@torch.no_grad()
+def logits_dropping_features(model: nn.Module, split: ModalTensors, modality: str, mask: Tensor, batch_size: int) -> Tensor:
+    """Logits of a split in which the samples where ``mask`` is true lose ``modality`` the way modality dropout
+    drops it in training: its stream zeroed at the encoder's output (``MultiStream``'s ``keep`` masks)."""
+    model.eval()
+    keep = (~mask).float().to(split.y.device)
+    out, start = [], 0
+    for x, _ in split.batches(batch_size):
+        n = len(next(iter(x.values())))
+        out.append(model(x, keep={modality: keep[start : start + n]}).logits.float())
+        start += n
+    return torch.cat(out)
+
+
 def evaluate_model(model: nn.Module, data: DataBundle, settings: RobustnessSettings, *, seed: int,
                    batch_size: int) -> tuple[pd.DataFrame, tuple[Tensor, Tensor]]:
     """The curves of one trained model on ``data.test``: rows (corruption, modality, mode, level, logits) are
@@ -145,19 +161,23 @@ def evaluate_model(model: nn.Module, data: DataBundle, settings: RobustnessSetti
     test = data.test
     clean = predictions(data.task, _logits(model, test.x, test.y, batch_size), test.y)
     omit = settings.missing == "auto" and supports_missing(model)
+    features = settings.missing == "features"
+    if features and not isinstance(model, MultiStream):
+        raise ConfigError("--missing features needs a fuselab MultiStream model (it zeroes the stream, not the input)")
     rows = []
     for corruption in settings.corruptions:
         for modality in data.modalities:
-            mode = ("omit" if omit else "zeros") if corruption == "missing" else ""
+            mode = ("features" if features else "omit" if omit else "zeros") if corruption == "missing" else ""
             sigma = modality_sigma(data.train.x[modality]) if corruption == "noise" else 1.0
             for li, level in enumerate(settings.levels):
                 if level == 0:
                     pred, true = clean
                 else:
                     gen = _generator(seed, corruption, modality, li)
-                    if corruption == "missing" and omit:
+                    if corruption == "missing" and (omit or features):
                         mask = missing_mask(len(test), level, generator=gen)
-                        logits = logits_omitting(model, test, modality, mask, batch_size)
+                        drop = logits_dropping_features if features else logits_omitting
+                        logits = drop(model, test, modality, mask, batch_size)
                     else:
                         x = dict(test.x)
                         x[modality] = corrupt(x[modality], corruption, level, sigma=sigma,
