@@ -211,7 +211,7 @@ class ChannelExchange(Exchange):
         n = len(self.modalities)
         narrow = {m: d for m, d in self.dims.items() if d < n}
         if narrow:
-            m = sorted(narrow)[0]
+            m = min(narrow)
             raise ValueError(f"channel-exchange: modality '{m}' has {narrow[m]} channels; each of the {n} "
                              f"modalities owns a part of the channels, so every width must be >= {n}")
         self.threshold = float(threshold)

@@ -263,7 +263,7 @@ def cen(
         raise ValueError(f"model cen exchanges channels with channel-exchange; exchange.name '{name}' is not supported")
     threshold = exchange.pop("threshold", threshold)
     if exchange:
-        raise ValueError(f"exchange option '{sorted(exchange)[0]}' is not used by model cen; it takes threshold")
+        raise ValueError(f"exchange option '{min(exchange)}' is not used by model cen; it takes threshold")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0:
         raise ValueError(f"model.threshold must be a number >= 0, got {threshold!r}")
     stages: list[nn.Module] = []

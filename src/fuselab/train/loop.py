@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from lightning_fabric import Fabric
 from torch import Tensor, nn
+
 from fuselab.data.core import DataBundle, ModalTensors
 from fuselab.data.corruptions import drop_modalities, dropout_rates, keep_masks
 from fuselab.losses import WeightedLoss
