@@ -359,13 +359,14 @@ def modality_markdown(areas: pd.DataFrame, corruption: str, *, order: Sequence[s
 def legend(settings_key: dict[str, Any] | None, baseline: str) -> str:
     """The note under the tables: what RR and ER are and how the corruptions were made."""
     scale = (settings_key or {}).get("noise_scale", 1.0)
+    how = {"zeros": "its input set to zero", "features": "its stream zeroed at the encoder's output, as modality dropout"}.get(
+        (settings_key or {}).get("missing", "auto"), "left out where the merge supports it, else its input set to zero")
     return (f"RR: relative robustness, the area under the test-accuracy-vs-level curve over levels 0-1 (%); "
             f"ER: effective robustness, RR minus what {baseline}'s curve shifted to the method's clean accuracy "
             f"predicts (percentage points; MultiBench, Liang et al. 2021). Both averaged over modalities (one "
             f"modality corrupted at a time), then mean ± std over seeds. noise: Gaussian, std = level x {scale:g} x "
             f"the modality's std; drop: each token / feature / position zeroed with probability = level; missing: "
-            f"a share = level of the test samples without the modality (left out where the merge supports it, "
-            f"else zeros).")
+            f"a share = level of the test samples without the modality ({how}).")
 
 
 # -- the store -----------------------------------------------------------------------------------------------
