@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from fuselab.fusion.exchange import ChannelExchange
-from fuselab.models.conv import _positive_ints
+from fuselab.models.conv import check_streams
 from fuselab.models.heads import ClassificationHead, DenseHead
 from fuselab.models.multistream import MultiStream
 from fuselab.models.necks import make_neck
@@ -249,14 +249,7 @@ def cen(
         dropout: dropout before each head's classifier.
         modality_heads: always true for CEN (accepted because ``aux-unimodal`` sets it).
     """
-    widths = _positive_ints(widths if widths is not None else [16, 32, 64], "widths")
-    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
-        raise ValueError(f"model.blocks must be a positive integer, got {blocks!r}")
-    if len(dims) < 2:
-        raise ValueError(f"cen needs at least 2 modalities, got {len(dims)}")
-    modalities = sorted(dims)
-    if shared_weights and len({dims[m] for m in modalities}) != 1:
-        raise ValueError(f"model.shared_weights needs the same channels in every modality, got {dict(dims)}")
+    widths, modalities = check_streams("cen", dims, widths, blocks, shared_weights)
     exchange = dict(exchange or {})
     name = exchange.pop("name", "channel-exchange")
     if name != "channel-exchange":

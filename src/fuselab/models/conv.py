@@ -134,6 +134,21 @@ def _positive_ints(values: Any, key: str) -> list[int]:
     return values
 
 
+def check_streams(builder: str, dims: Mapping[str, int], widths: list[int] | None, blocks: int,
+                  shared_weights: bool) -> tuple[list[int], list[str]]:
+    """The options every staged conv builder checks: stage widths (default [16, 32, 64]), blocks, at least two
+    modalities, and equal input channels for shared weights. Returns the widths and the sorted modalities."""
+    widths = _positive_ints(widths if widths is not None else [16, 32, 64], "widths")
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+        raise ValueError(f"model.blocks must be a positive integer, got {blocks!r}")
+    if len(dims) < 2:
+        raise ValueError(f"{builder} needs at least 2 modalities, got {len(dims)}")
+    modalities = sorted(dims)
+    if shared_weights and len({dims[m] for m in modalities}) != 1:
+        raise ValueError(f"model.shared_weights needs the same channels in every modality, got {dict(dims)}")
+    return widths, modalities
+
+
 @MODELS.register("conv-streams")
 def conv_streams(
     *,
@@ -177,18 +192,11 @@ def conv_streams(
         batched: with ``shared_weights``, stack the modalities into one pass (default); False runs the shared
             encoder once per modality (only to measure what batching saves).
     """
-    widths = _positive_ints(widths if widths is not None else [16, 32, 64], "widths")
+    widths, modalities = check_streams("conv-streams", dims, widths, blocks, shared_weights)
     rates = _positive_ints(rates if rates is not None else [6, 12, 18], "rates")
     bins = _positive_ints(bins if bins is not None else [1, 2, 3, 6], "bins")
-    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
-        raise ValueError(f"model.blocks must be a positive integer, got {blocks!r}")
     if isinstance(stem_blocks, bool) or not isinstance(stem_blocks, int) or stem_blocks < 0:
         raise ValueError(f"model.stem_blocks must be a non-negative integer, got {stem_blocks!r}")
-    if len(dims) < 2:
-        raise ValueError(f"conv-streams needs at least 2 modalities, got {len(dims)}")
-    modalities = sorted(dims)
-    if shared_weights and len({dims[m] for m in modalities}) != 1:
-        raise ValueError(f"model.shared_weights needs the same channels in every modality, got {dict(dims)}")
     n_stages = len(widths)
     fuse_stages = resolve_fuse_stages(fuse_at, n_stages)
     at = None if fuse_stages is not None else resolve_fuse_at(fuse_at, n_stages)
@@ -260,4 +268,4 @@ def conv_streams(
     )
 
 
-__all__ = ["BasicBlock", "ConvEncoder", "LoopedStage", "SharedStage", "conv_stage", "conv_streams"]
+__all__ = ["BasicBlock", "ConvEncoder", "LoopedStage", "check_streams", "SharedStage", "conv_stage", "conv_streams"]
