@@ -166,6 +166,18 @@ class FeatureRectify(_MapExchange):
         return {m: x + self.from_common[m](received) for (m, x), received in zip(xs.items(), incoming)}
 
 
+def owned_parts(dims: Mapping[str, int]) -> dict[str, tuple[int, int]]:
+    """CEN's disjoint channel parts: with M modalities in sorted order, modality i owns channels
+    ``[i C / M, (i + 1) C / M)`` of its own width C."""
+    names = sorted(dims)
+    return {m: ((i * dims[m]) // len(names), ((i + 1) * dims[m]) // len(names)) for i, m in enumerate(names)}
+
+
+def sparsity_l1(norms: Mapping[str, nn.BatchNorm2d], parts: Mapping[str, tuple[int, int]]) -> Tensor:
+    """CEN's L1 term: |BN scale| summed over each modality's own part of the channels."""
+    return torch.stack([norms[m].weight[lo:hi].abs().sum() for m, (lo, hi) in parts.items()]).sum()
+
+
 @FUSIONS.register("channel-exchange")
 class ChannelExchange(Exchange):
     """CEN's channel exchanging: each modality's private batch norm, then every channel whose BN scale is
@@ -216,7 +228,7 @@ class ChannelExchange(Exchange):
                              f"modalities owns a part of the channels, so every width must be >= {n}")
         self.threshold = float(threshold)
         self.norms = nn.ModuleDict({m: nn.BatchNorm2d(d) for m, d in self.dims.items()})
-        self.parts = {m: ((i * self.dims[m]) // n, ((i + 1) * self.dims[m]) // n) for i, m in enumerate(self.modalities)}
+        self.parts = owned_parts(self.dims)
         self.width = max(self.dims.values())
         self.equal = len(set(self.dims.values())) == 1
 
@@ -254,8 +266,7 @@ class ChannelExchange(Exchange):
 
     def aux_losses(self) -> dict[str, Tensor]:
         """``cen_sparsity``: sum over modalities of |gamma| on that modality's own part of the channels."""
-        terms = [self.norms[m].weight[lo:hi].abs().sum() for m, (lo, hi) in self.parts.items()]
-        return {"cen_sparsity": torch.stack(terms).sum()}
+        return {"cen_sparsity": sparsity_l1(self.norms, self.parts)}
 
     def epoch_stats(self) -> dict[str, float]:
         """Per modality, the share of channels that are currently exchanged (logged once per epoch)."""

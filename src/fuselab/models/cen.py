@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fuselab.fusion.exchange import ChannelExchange
+from fuselab.fusion.exchange import ChannelExchange, owned_parts, sparsity_l1
 from fuselab.models.conv import check_streams
 from fuselab.models.heads import ClassificationHead, DenseHead
 from fuselab.models.multistream import MultiStream
@@ -86,12 +86,10 @@ class SparseParallelNorm(ParallelNorm):
 
     def __init__(self, modalities: Sequence[str], channels: int) -> None:
         super().__init__(modalities, channels)
-        n = len(modalities)
-        self.parts = {m: ((i * channels) // n, ((i + 1) * channels) // n) for i, m in enumerate(sorted(modalities))}
+        self.parts = owned_parts({m: channels for m in modalities})
 
     def aux_losses(self) -> dict[str, Tensor]:
-        terms = [self.norms[m].weight[lo:hi].abs().sum() for m, (lo, hi) in self.parts.items()]
-        return {"cen_sparsity": torch.stack(terms).sum()}
+        return {"cen_sparsity": sparsity_l1(self.norms, self.parts)}
 
 
 def _relu(xs: Mapping[str, Tensor]) -> dict[str, Tensor]:
