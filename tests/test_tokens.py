@@ -103,6 +103,35 @@ def _reference_block(block: TransformerBlock, x: torch.Tensor) -> torch.Tensor:
     return x + hidden @ block.mlp.fc2.weight.T + block.mlp.fc2.bias
 
 
+def _bottleneck_by_hand(layers, z0, x):
+    """MBT's update written out for any modalities present in ``x``: each block runs on [x_m, z]; the
+    modality keeps its part; the next z is the plain mean of every present modality's copy."""
+    depth = len(next(iter(layers.values())))
+    z = z0.expand(next(iter(x.values())).shape[0], -1, -1)
+    x = dict(x)
+    for i in range(depth):
+        copies = []
+        for m in sorted(x):
+            n = x[m].shape[1]
+            y = _reference_block(layers[m][i], torch.cat([x[m], z], 1))
+            x[m] = y[:, :n]
+            copies.append(y[:, n:])
+        z = sum(copies) / len(copies)
+    return x
+
+
+def _joint_by_hand(layers, x):
+    """Joint attention written out: per block, every modality's queries over the keys and values of all."""
+    depth = len(next(iter(layers.values())))
+    x = dict(x)
+    for i in range(depth):
+        qkv = {m: layers[m][i].project(x[m]) for m in x}
+        k = torch.cat([qkv[m][1] for m in x], 2)
+        v = torch.cat([qkv[m][2] for m in x], 2)
+        x = {m: layers[m][i].finish(x[m], qkv[m][0], k, v) for m in x}
+    return x
+
+
 def test_bottleneck_layers_equal_a_hand_written_reference():
     layers = _blocks(depth=2)
     op = fuselab.create_fusion("bottleneck", layers=layers, n_bottlenecks=2).eval()
@@ -119,26 +148,70 @@ def test_bottleneck_layers_equal_a_hand_written_reference():
     assert torch.allclose(out["a"], xa, atol=1e-5) and torch.allclose(out["b"], xb, atol=1e-5)
 
 
-def test_joint_attention_attends_over_every_modality_with_its_own_weights():
-    layers = _blocks()
-    op = fuselab.create_fusion("joint-attention", layers=layers).eval()
-    x = {"a": torch.randn(2, 3, 8), "b": torch.randn(2, 4, 8)}
-    out = op(x)
-    (la,), (lb,) = layers["a"], layers["b"]
-    qa, ka, va = la.project(x["a"])
-    _, kb, vb = lb.project(x["b"])
-    expected = la.finish(x["a"], qa, torch.cat([ka, kb], 2), torch.cat([va, vb], 2))
-    assert torch.allclose(out["a"], expected, atol=1e-6)
-    assert not torch.allclose(out["a"], la(x["a"]), atol=1e-4)  # it did see b
-
-
-@pytest.mark.parametrize("name", ["bottleneck", "joint-attention"])
-def test_wrapping_exchanges_take_three_modalities_and_a_missing_one(name):
-    op = fuselab.create_fusion(name, layers=_blocks("abc", depth=2))
+def test_bottleneck_averages_all_three_copies_and_leaves_a_missing_one_out():
+    # three blocks deep, so the second and third blocks read a z averaged over every modality's copy
+    layers = _blocks("abc", depth=3)
+    op = fuselab.create_fusion("bottleneck", layers=layers, n_bottlenecks=3).eval()
+    with torch.no_grad():
+        op.bottleneck.normal_()  # a larger z than N(0, 0.02), so a wrong average shows in the outputs
     x = {m: torch.randn(2, n, 8) for m, n in zip("abc", (3, 4, 5))}
+    out, expected = op(x), _bottleneck_by_hand(layers, op.bottleneck, x)
+    for m in "abc":
+        assert out[m].shape == x[m].shape
+        assert torch.allclose(out[m], expected[m], atol=1e-5), m
+    # the mean of only two of the three copies (or their sum) is far from this
+    two_of_three = _bottleneck_by_hand({m: layers[m] for m in "ab"}, op.bottleneck, {m: x[m] for m in "ab"})
+    assert not torch.allclose(out["a"], two_of_three["a"], atol=1e-3)
+    partial = op({"c": x["c"], "a": x["a"]})  # b absent: the mean runs over a's and c's copies only
+    assert set(partial) == {"a", "c"}
+    hand = _bottleneck_by_hand(layers, op.bottleneck, {"a": x["a"], "c": x["c"]})
+    assert torch.allclose(partial["a"], hand["a"], atol=1e-5) and torch.allclose(partial["c"], hand["c"], atol=1e-5)
+    assert not torch.allclose(partial["a"], out["a"], atol=1e-3)  # b's absence changed what a received
+
+
+def test_joint_attention_uses_the_keys_and_values_of_all_three_modalities():
+    layers = _blocks("abc", depth=2)
+    op = fuselab.create_fusion("joint-attention", layers=layers).eval()
+    x = {m: torch.randn(2, n, 8) for m, n in zip("abc", (3, 4, 5))}
+    out, expected = op(x), _joint_by_hand(layers, x)
+    for m in "abc":
+        assert out[m].shape == x[m].shape
+        assert torch.allclose(out[m], expected[m], atol=1e-5), m
+    without_c = _joint_by_hand(layers, {m: x[m] for m in "ab"})
+    assert not torch.allclose(out["a"], without_c["a"], atol=1e-3)  # c's keys matter to a
+    partial = op({"a": x["a"], "c": x["c"]})
+    hand = _joint_by_hand(layers, {"a": x["a"], "c": x["c"]})
+    assert set(partial) == {"a", "c"}
+    assert torch.allclose(partial["a"], hand["a"], atol=1e-5) and torch.allclose(partial["c"], hand["c"], atol=1e-5)
+
+
+def _flows(op, x) -> dict[tuple[str, str], bool]:
+    """For every ordered pair (source, target) of modalities: does the target's output depend on the
+    source's input (a non-zero gradient)?"""
+    x = {m: t.clone().requires_grad_(True) for m, t in x.items()}
     out = op(x)
-    assert {m: t.shape for m, t in out.items()} == {m: x[m].shape for m in x}
-    assert set(op({"a": x["a"], "c": x["c"]})) == {"a", "c"}
+    flows = {}
+    for t in x:
+        grads = torch.autograd.grad((out[t] * torch.randn_like(out[t])).sum(), list(x.values()),
+                                    retain_graph=True, allow_unused=True)
+        for s, g in zip(x, grads):
+            if s != t:
+                flows[(s, t)] = g is not None and bool(g.abs().sum() > 0)
+    return flows
+
+
+@pytest.mark.parametrize("modalities", ["ab", "abc"])
+@pytest.mark.parametrize("name", ["bottleneck", "joint-attention"])
+def test_wrapping_exchanges_carry_information_in_every_direction(name, modalities):
+    torch.manual_seed(3)
+    x = {m: torch.randn(2, 3 + i, 8) for i, m in enumerate(modalities)}
+    one = fuselab.create_fusion(name, layers=_blocks(modalities, depth=1)).eval()
+    two = fuselab.create_fusion(name, layers=_blocks(modalities, depth=2)).eval()
+    pairs = {(s, t) for s in modalities for t in modalities if s != t}
+    # two wrapped blocks: every modality reaches every other, both ways
+    assert _flows(two, x) == {p: True for p in pairs}
+    # one wrapped block: joint attention already mixes; the bottleneck's first block reads the learned z only
+    assert _flows(one, x) == {p: name == "joint-attention" for p in pairs}
 
 
 def test_bottleneck_rejects_unequal_widths_and_bad_counts():
