@@ -8,7 +8,7 @@ import torch
 from fuselab.layers import TransformerBlock
 from fuselab.models.mbt import mbt
 from fuselab.train.config import ConfigError, make_config
-from fuselab.train.run import execute
+from fuselab.train.run import build_data, build_model, execute
 
 DIMS = {"a": 12, "b": 9}
 
@@ -54,6 +54,48 @@ def test_bottleneck_information_flow(fusion_layer):
     assert flows == [i > fusion_layer for i in range(4)]
 
 
+def _logit_flows(model, dims) -> dict[tuple[str, str], bool]:
+    """For every ordered pair (source, target): do the target stream's logits depend on the source's input?"""
+    g = torch.Generator().manual_seed(2)
+    x = {m: torch.randn(3, d, generator=g, requires_grad=True) for m, d in dims.items()}
+    logits = model(x).modality_logits
+    flows = {}
+    for t in dims:
+        grads = torch.autograd.grad(logits[t].sum(), list(x.values()), retain_graph=True, allow_unused=True)
+        for s, grad in zip(dims, grads):
+            if s != t:
+                flows[(s, t)] = grad is not None and bool(grad.abs().sum() > 0)
+    return flows
+
+
+@pytest.mark.parametrize("dims", [{"a": 12, "b": 9}, {"a": 12, "b": 9, "c": 6}])
+@pytest.mark.parametrize("exchange", ["bottleneck", "joint-attention"])
+def test_exchange_carries_information_both_ways_with_two_and_three_modalities(exchange, dims):
+    pairs = {(s, t) for s in dims for t in dims if s != t}
+    wrapped_two = _model(dims=dims, fusion_layer=2, exchange={"name": exchange})  # blocks 2 and 3 wrapped
+    assert _logit_flows(wrapped_two, dims) == {p: True for p in pairs}
+    # one wrapped block: the bottleneck's only update is never read, so nothing passes; joint attention mixes
+    wrapped_one = _model(dims=dims, fusion_layer=3, exchange={"name": exchange})
+    assert _logit_flows(wrapped_one, dims) == {p: exchange == "joint-attention" for p in pairs}
+
+
+def test_class_token_pool_reads_the_class_token():
+    model = _model(classifier="token")
+    seen = {}
+    model.pool["a"].register_forward_hook(lambda mod, inp, out: seen.update(tokens=inp[0], pooled=out))
+    stem = model.encoders["a"][0]
+    with torch.no_grad():
+        stem.cls.token.normal_()
+        tokens = stem(_x()["a"])
+    # the stem puts the class token first (plus its position embedding), the same for every sample
+    assert torch.allclose(tokens[:, 0], (stem.cls.token[0, 0] + stem.position.embedding[0, 0]).expand(3, -1))
+    out = model(_x())
+    norm = model.pool["a"][0]
+    assert torch.equal(seen["pooled"], norm(seen["tokens"])[:, 0])  # token 0 of the normed stream, not the last
+    assert not torch.allclose(seen["pooled"], norm(seen["tokens"])[:, -1])
+    assert torch.allclose(out.modality_logits["a"], model.merge.heads["a"](seen["pooled"]), atol=1e-6)
+
+
 @pytest.mark.parametrize("fusion_layer", [0, 2, 4])
 def test_joint_attention_information_flow(fusion_layer):
     flows = _flow_from_b_to_a(_model(fusion_layer=fusion_layer, exchange={"name": "joint-attention"}))
@@ -86,13 +128,41 @@ def test_options_classifier_shared_weights_and_standalone_exchanges():
     separate, shared = _model(), _model(shared_weights=True)
     n_sep = sum(p.numel() for p in separate.parameters())
     assert sum(p.numel() for p in shared.parameters()) < n_sep
-    assert shared(x).logits.shape == (3, 4)
-    assert _model(classifier="gap")(x).logits.shape == (3, 4)
-    assert _model(fusion={"name": "concat"})(x).logits.shape == (3, 4)
-    assert _model(exchange={"name": "cross-attention", "heads": 2})(x).logits.shape == (3, 4)
+    # shared weights: both streams run the very same blocks (and one final LayerNorm); tokenizers stay apart
+    assert shared.encoders["a"][1] is shared.encoders["b"][1]
+    assert shared.exchange.layers["a"][0] is shared.exchange.layers["b"][0]
+    assert shared.pool["a"][0] is shared.pool["b"][0]
+    assert shared.encoders["a"][0] is not shared.encoders["b"][0]
+    # gap: the pooled vector is the mean of the normed tokens
+    gap = _model(classifier="gap")
+    seen = {}
+    gap.pool["a"].register_forward_hook(lambda mod, inp, out: seen.update(tokens=inp[0], pooled=out))
+    out = gap(x)
+    assert gap.encoders["a"][0].num_tokens == 4  # 12 features, 3 per token, no class token
+    assert torch.allclose(seen["pooled"], gap.pool["a"][0](seen["tokens"]).mean(1), atol=1e-6)
+    assert torch.allclose(out.logits, (out.modality_logits["a"] + out.modality_logits["b"]) / 2, atol=1e-6)
+    # concat: a linear head on the concatenated pooled vectors
+    concat = _model(fusion={"name": "concat"})
+    seen = {}
+    concat.head.register_forward_hook(lambda mod, inp, out: seen.update(features=inp[0], logits=out))
+    out = concat(x)
+    assert seen["features"].shape == (3, 16) and torch.equal(out.logits, seen["logits"])
+    # a standalone exchange runs before each of the wrapped blocks (blocks 2 and 3), and b reaches a's logits
+    cross = _model(exchange={"name": "cross-attention", "heads": 2}, modality_heads=True)
+    kinds = [type(step).__name__ for step in cross.exchange.steps]
+    assert kinds == ["CrossAttention", "PerModality", "CrossAttention", "PerModality"]
+    (grad,) = torch.autograd.grad(cross(x).modality_logits["a"].sum(), x["b"])
+    assert grad.abs().sum() > 0
+    # token-exchange: its L1 term reaches the model's auxiliary losses, as the mean score of both exchanges
     same_counts = {"a": 12, "b": 12}
-    out = _model(dims=same_counts, exchange={"name": "token-exchange"})({m: torch.randn(3, 12) for m in same_counts})
-    assert any(k.endswith(".l1") for k in out.aux_losses)
+    tex = _model(dims=same_counts, exchange={"name": "token-exchange"})
+    out = tex({m: torch.randn(3, 12) for m in same_counts})
+    l1 = {k: v for k, v in out.aux_losses.items() if k.endswith(".l1")}
+    steps = [s for s in tex.exchange.steps if type(s).__name__ == "TokenExchange"]
+    assert len(l1) == len(steps) == 2
+    for step in steps:
+        hand = torch.stack([s.abs().mean() for s in step._scores.values()]).mean()
+        assert any(torch.equal(v, hand) for v in l1.values())
     assert _model(n_bottlenecks=6).exchange.bottleneck.shape == (1, 6, 8)
 
 
@@ -126,10 +196,25 @@ def test_config_exchange_section():
 
 
 def test_mbt_learns_mfeat_from_the_cli_config():
+    # three blocks, fused from block 1: two wrapped blocks, so the second reads the bottleneck the first wrote
+    # (with fusion_layer = layers - 1 the bottleneck update is never read and the run is late fusion)
     cfg = make_config(None, [
-        "model.name=mbt", "model.width=32", "model.heads=4", "model.layers=2", "model.fusion_layer=1",
+        "model.name=mbt", "model.width=32", "model.heads=4", "model.layers=3", "model.fusion_layer=1",
         "model.features_per_token=8", "fusion.name=late", "data.views=[fou,kar,zer]",
         "train.epochs=6", "train.batch_size=64", "train.lr=2e-3", "train.threads=1", "train.checkpoint=false",
     ])
     result = execute(cfg)
     assert result.metrics["test_accuracy"] > 0.8  # chance is 0.10
+    # the trained bottleneck carries information: fou's logits change when the other views of the same
+    # samples are swapped for those of other samples, while fou's own input stays
+    data = build_data(cfg)
+    model = build_model(cfg, data)
+    model.load_state_dict(result.fit.state_dict)
+    model.eval()
+    x = data.test.x
+    perm = torch.roll(torch.arange(len(data.test)), 1)
+    swapped = {m: (t if m == "fou" else t[perm]) for m, t in x.items()}
+    with torch.no_grad():
+        clean, mixed = model(x).modality_logits["fou"], model(swapped).modality_logits["fou"]
+    change = (clean - mixed).abs().mean() / clean.abs().mean()
+    assert change > 0.01, f"fou's logits moved by {change:.4f} of their size: the bottleneck carried nothing"
