@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 import time
 from pathlib import Path
@@ -103,13 +105,37 @@ def run_cmd(
             progress.update(task, completed=epoch + 1,
                             info=f"loss {row['train_loss']:.3f}  val acc {row['val_accuracy'] * 100:.2f}")
 
-        result = execute(cfg, run_dir, on_epoch=on_epoch)
+        existed = run_dir.exists()
+        try:
+            result = execute(cfg, run_dir, on_epoch=on_epoch)
+        except BaseException as exc:
+            if not existed:  # a failed run leaves nothing behind
+                import shutil
+
+                shutil.rmtree(run_dir, ignore_errors=True)
+            if isinstance(exc, (MemoryError, RuntimeError)) and _out_of_memory(exc):
+                from fuselab.train.config import ConfigError
+
+                raise ConfigError(f"the model does not fit in memory ({_first_line(exc)}); "
+                                  "make it smaller (e.g. model.hidden) or lower train.batch_size") from None
+            raise
         progress.update(task, total=len(result.history), completed=len(result.history))
     m = result.metrics
     console.print(
         f"test accuracy [bold]{m['test_accuracy'] * 100:.2f} %[/], macro-F1 {m['test_macro_f1'] * 100:.2f} %, "
         f"best epoch {m['best_epoch']}, {m['params']:,} parameters, {m['seconds']:.1f} s"
     )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate memory" in text \
+        or "not enough memory" in text
 
 
 @app.command("compare")
@@ -134,18 +160,15 @@ def compare_cmd(
         from fuselab.train.config import ConfigError
 
         raise ConfigError(f"--backend must be local or ray, got '{backend}'")
-    sp = load_spec(spec, plugins=plugin or [])
-    st = Store(store)
-    jobs = jobs or default_jobs()
-    if jobs < 1:
+    if jobs is not None and jobs < 1:
         from fuselab.train.config import ConfigError
 
-        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
-    if dry_run:
-        _print_plan(sp, st, jobs)
-        return
-    plan = prepare(sp, st)
-    if methods:
+        raise ConfigError(f"--jobs must be at least 1, got {jobs} (leave it out to use every core)")
+    sp = load_spec(spec, plugins=plugin or [])
+    st = Store(store)
+    jobs = default_jobs() if jobs is None else jobs
+    wanted: list[str] = []
+    if methods is not None:  # checked before the store is touched: a typo leaves nothing behind
         wanted = [m.strip() for m in methods.split(",") if m.strip()]
         known = [m.name for m in sp.methods]
         unknown = [m for m in wanted if m not in known]
@@ -154,6 +177,11 @@ def compare_cmd(
 
             raise ConfigError(f"--methods: '{unknown[0] if unknown else methods}' is not a method of {sp.name}; "
                               f"methods are {', '.join(known)}")
+    if dry_run:
+        _print_plan(sp, st, jobs)
+        return
+    plan = prepare(sp, st)
+    if wanted:
         plan = [r for r in plan if r.method in wanted]
     unique = {r.run_id for r in plan}
     console.print(f"[bold]{sp.name}[/]: {len(sp.methods)} methods x {len(sp.seeds)} seeds = {len(unique)} runs, "
@@ -176,11 +204,35 @@ def compare_cmd(
             if o.status == "failed":
                 progress.console.print(f"[red]failed[/] {o.method} seed {o.seed}: {o.error}")
 
-        execute_plan(plan, st, jobs=jobs, on_outcome=on_outcome, plugins=sp.plugins, backend=backend,
-                     address=address, gpus_per_run=gpus_per_run)
+        with _interrupts_as_keyboard_interrupt():
+            execute_plan(plan, st, jobs=jobs, on_outcome=on_outcome, plugins=sp.plugins, backend=backend,
+                         address=address, gpus_per_run=gpus_per_run)
     console.print(f"{counts['done']} trained, {counts['cached']} already in the store, {counts['failed']} failed, "
                   f"{time.perf_counter() - start:.0f} s")
+    if counts.get("missing"):
+        console.print(f"[yellow]{counts['missing']} runs are done in the store but their folders are missing[/]; "
+                      f"`fuselab runs retry --store {st.root} --experiment {sp.name} --status missing` trains them again")
     _print_report(st.root, sp.name)
+
+
+class _Interrupted(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C: the sweep stops its workers and marks their runs interrupted."""
+
+
+@contextlib.contextmanager
+def _interrupts_as_keyboard_interrupt():
+    def on_term(signum, frame):
+        raise _Interrupted()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _print_plan(sp, st, jobs: int) -> None:
@@ -407,7 +459,7 @@ app.add_typer(runs_app, name="runs")
 
 _RUN_FILTERS = {
     "experiment": typer.Option(None, "--experiment", "-e", help="only runs of this experiment"),
-    "status": typer.Option(None, "--status", help="pending | running | done | failed"),
+    "status": typer.Option(None, "--status", help="pending | running | done | failed | interrupted | missing"),
     "prefix": typer.Option(None, "--id", help="run id prefix"),
 }
 
@@ -416,8 +468,11 @@ def _select(store: Path, experiment, status, prefix):
     from fuselab.experiments.store import Store
     from fuselab.train.config import ConfigError
 
-    if status is not None and status not in ("pending", "running", "done", "failed"):
-        raise ConfigError(f"--status must be pending, running, done or failed, got '{status}'")
+    from fuselab.experiments.store import MISSING, STATUSES
+
+    if status is not None and status not in (*STATUSES, MISSING):
+        raise ConfigError(f"--status must be pending, running, done or failed (or interrupted, or {MISSING}: "
+                          f"done but its folder is gone), got '{status}'")
     st = Store(store)
     return st, st.select_runs(experiment=experiment, status=status, prefix=prefix)
 
@@ -491,8 +546,14 @@ def main(argv: list[str] | None = None) -> None:
 
         load_entry_points()
         app(args=argv, prog_name="fuselab")
-    except (ConfigError, ValueError, FileNotFoundError, KeyError) as exc:
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the runs in progress are marked interrupted
+        errors.print("interrupted: runs in progress are marked interrupted; run the same command again to resume them",
+                     markup=False, highlight=False)
+        sys.exit(130)
+    except (ConfigError, ValueError, FileNotFoundError, KeyError, PermissionError) as exc:
         message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+        if isinstance(exc, PermissionError) and exc.filename:
+            message = f"permission denied: '{exc.filename}'; pick a folder you can write (e.g. --store or --out)"
         errors.print(f"[bold red]error:[/] {message.splitlines()[0] if message else type(exc).__name__}",
                      markup=True, highlight=False)
         sys.exit(2)

@@ -9,11 +9,16 @@ path on every node (a shared file system or an installed package).
     fuselab compare SPEC --backend ray                      # a local Ray instance on this machine
     fuselab compare SPEC --backend ray --address auto       # the cluster this machine belongs to
     fuselab compare SPEC --backend ray --address ray://head:10001 --gpus-per-run 1
+
+A local instance (no ``--address``) listens on 127.0.0.1 only, so no other machine can submit work to it.
+The driver keeps each run's claim alive while its task runs and publishes a result only while it still
+holds the claim.
 """
 
 from __future__ import annotations
 
 import io
+import shutil
 import tarfile
 import tempfile
 import time
@@ -74,40 +79,50 @@ def run_tasks(
     if started:
         if address:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
-        else:
-            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        else:  # loopback only: a local instance must not accept work from the network
+            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
         remote = ray.remote(num_cpus=threads, num_gpus=gpus_per_run, max_retries=0)(train_remote)
-        pending: dict[Any, tuple[str, str, int]] = {}
+        pending: dict[Any, tuple[str, str, int, str]] = {}
         for run_id, method, seed, config in tasks:
-            if not store.claim(run_id):
+            claim = store.claim(run_id)
+            if claim is None:
                 report(run_id, method, seed, "skipped", None, None)
                 continue
-            pending[remote.remote(config, threads, plugins)] = (run_id, method, seed)
+            pending[remote.remote(config, threads, plugins)] = (run_id, method, seed, claim)
         last_beat = time.monotonic()
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=10.0)
-            if time.monotonic() - last_beat > 30.0:
-                for run_id, _, _ in pending.values():
-                    store.heartbeat(run_id)
-                last_beat = time.monotonic()
-            for ref in ready:
-                run_id, method, seed = pending.pop(ref)
-                try:
-                    status, payload, blob = ray.get(ref)
-                except Exception as exc:  # noqa: BLE001 - a lost worker or node is a failed run
-                    status, payload, blob = "failed", f"{type(exc).__name__}: {exc}", None
-                if status == "done":
-                    staging = store.staging_dir(run_id)
-                    staging.mkdir(parents=True, exist_ok=True)
-                    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
-                        tar.extractall(staging, filter="data")
-                    store.publish(run_id, staging)
-                    store.finish(run_id, payload)
-                    report(run_id, method, seed, "done", payload, None)
-                else:
-                    store.fail(run_id, payload)
-                    report(run_id, method, seed, "failed", None, payload.splitlines()[0])
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=10.0)
+                if time.monotonic() - last_beat > 30.0:
+                    for run_id, _, _, claim in pending.values():
+                        store.heartbeat(run_id, claim)
+                    last_beat = time.monotonic()
+                for ref in ready:
+                    run_id, method, seed, claim = pending.pop(ref)
+                    try:
+                        status, payload, blob = ray.get(ref)
+                    except Exception as exc:  # noqa: BLE001 - a lost worker or node is a failed run
+                        status, payload, blob = "failed", f"{type(exc).__name__}: {exc}", None
+                    if status == "done":
+                        staging = store.staging_dir(run_id, claim)
+                        staging.mkdir(parents=True, exist_ok=True)
+                        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
+                            tar.extractall(staging, filter="data")
+                        if store.finish(run_id, payload, claim, staging):
+                            report(run_id, method, seed, "done", payload, None)
+                        else:  # taken over meanwhile: the new owner's result counts
+                            shutil.rmtree(staging, ignore_errors=True)
+                            report(run_id, method, seed, "skipped", None, None)
+                    elif store.fail(run_id, payload, claim):
+                        report(run_id, method, seed, "failed", None, payload.splitlines()[0])
+                    else:
+                        report(run_id, method, seed, "skipped", None, None)
+        except BaseException:  # Ctrl-C: the runs still out are marked interrupted
+            for ref, (run_id, _, _, claim) in pending.items():
+                ray.cancel(ref, force=True)
+                store.fail(run_id, "interrupted", claim, status="interrupted")
+            raise
     finally:
         if started:
             ray.shutdown()

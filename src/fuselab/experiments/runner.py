@@ -1,20 +1,29 @@
 """Execute an experiment's plan: skip finished runs, retry failed ones, run the rest in local processes.
 
-Each run is claimed in the store by the process that trains it, so concurrent sweeps on one store and
-re-runs after an interruption never train a run twice. A failing run is recorded with its error and the
-sweep goes on.
+Each run is claimed in the store before it trains, so concurrent sweeps on one store and re-runs after an
+interruption never train a run twice; a background thread keeps the claim's heartbeat fresh however long an
+epoch takes, and a run whose claim was taken over stops and publishes nothing. With ``jobs > 1`` every run
+trains in a process of its own: a worker that dies (kill -9, the OOM killer) is that run's failure, retried
+once from its last saved state, and the other runs go on. Workers exit when the sweep's process dies.
+Ctrl-C (or SIGTERM) stops the workers and marks their runs ``interrupted``; the next sweep resumes them.
+A failing run is recorded with its error and the sweep goes on.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
+import signal
+import threading
 import time
 import traceback
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -22,7 +31,8 @@ from omegaconf import OmegaConf
 from fuselab.experiments.spec import PlannedRun, Spec
 from fuselab.experiments.store import Store
 
-HEARTBEAT_SECONDS = 30.0
+HEARTBEAT_SECONDS = 30.0  # well under Store.stale_seconds (600 s by default)
+DEATH_RETRIES = 1  # a run whose worker died is trained again this many times in the same sweep
 
 
 @dataclasses.dataclass
@@ -35,44 +45,141 @@ class Outcome:
     error: str | None = None
 
 
+class ClaimLost(Exception):
+    """Another process took this run over (our heartbeat had gone stale): stop, publish nothing."""
+
+
 def _init_worker(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
 
 
+class _Heartbeat:
+    """Refreshes a claim every ``interval`` seconds from a thread, independent of epoch length; sets
+    ``lost`` when the claim is no longer ours."""
+
+    def __init__(self, store: Store, run_id: str, claim: str, interval: float = HEARTBEAT_SECONDS) -> None:
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._args = (store, run_id, claim, interval)
+        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{run_id}", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        store, run_id, claim, interval = self._args
+        while not self._stop.wait(interval):
+            try:
+                if not store.heartbeat(run_id, claim):
+                    self.lost.set()
+                    return
+            except Exception:  # noqa: BLE001 - a busy database: try again at the next beat
+                continue
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 def train_one(store_root: str, run_id: str, method: str, seed: int, config: dict[str, Any], threads: int,
               plugins: tuple[str, ...] = ()) -> Outcome:
-    """Claim, train and publish one run (in a worker process or in-process)."""
+    """Claim, train and publish one run (in-process)."""
+    store = Store(store_root)
+    claim = store.claim(run_id)
+    if claim is None:
+        return Outcome(run_id, method, seed, "cached" if store.status(run_id) == "done" else "skipped")
+    return train_claimed(store_root, run_id, claim, method, seed, config, threads, plugins)
+
+
+def train_claimed(store_root: str, run_id: str, claim: str, method: str, seed: int, config: dict[str, Any],
+                  threads: int, plugins: tuple[str, ...] = ()) -> Outcome:
+    """Train and publish a run this sweep has claimed (``claim`` from ``Store.claim``), in its own partial
+    folder seeded with the state an earlier attempt saved."""
     from fuselab.plugins import load_plugins
     from fuselab.train.config import make_config
     from fuselab.train.run import execute  # imported in the worker
 
-    load_plugins(plugins)  # a worker process starts with the built-ins only
-
     store = Store(store_root)
-    if not store.claim(run_id):
-        return Outcome(run_id, method, seed, "cached" if store.status(run_id) == "done" else "skipped")
-    cfg = make_config(config, [f"train.threads={threads}"])
-    staging = store.staging_dir(run_id)
-    last_beat = [time.monotonic()]
-
-    def beat(epoch: int, row: dict[str, float]) -> None:
-        if time.monotonic() - last_beat[0] > HEARTBEAT_SECONDS:
-            store.heartbeat(run_id)
-            last_beat[0] = time.monotonic()
-
+    staging: Path | None = None
+    beat = _Heartbeat(store, run_id, claim)
     try:
-        result = execute(cfg, staging, on_epoch=beat, resumable=True)
+        load_plugins(plugins)  # a worker process starts with the built-ins only
+        cfg = make_config(config, [f"train.threads={threads}"])
+        staging = store.start_attempt(run_id, claim)
+        earlier_logs = _read_log_rows(staging)
+        epochs: list[int] = []
+
+        def on_epoch(epoch: int, row: dict[str, float]) -> None:
+            epochs.append(epoch)
+            if beat.lost.is_set():
+                raise ClaimLost(run_id)
+
+        started = time.time()
+        result = execute(cfg, staging, on_epoch=on_epoch, resumable=True)
+        if beat.lost.is_set():
+            raise ClaimLost(run_id)
         result.metrics["flops"] = record_flops(cfg, staging)
-        store.publish(run_id, staging)
-        store.finish(run_id, result.metrics)
+        _keep_earlier_logs(staging, earlier_logs)
+        _record_attempt(staging, claim, started, epochs)
+        if not store.finish(run_id, result.metrics, claim, staging):
+            raise ClaimLost(run_id)
         return Outcome(run_id, method, seed, "done", metrics=result.metrics)
+    except ClaimLost:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        return Outcome(run_id, method, seed, "skipped")  # the new owner's result is reported when it is done
+    except KeyboardInterrupt:  # the saved state stays in the partial folder: the next sweep resumes it
+        store.fail(run_id, "interrupted", claim, status="interrupted")
+        raise
     except Exception as exc:  # noqa: BLE001 - a failing run is recorded and the sweep goes on
         message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        store.fail(run_id, message + "\n" + traceback.format_exc())
-        shutil.rmtree(staging, ignore_errors=True)  # a retry starts afresh
+        ours = store.fail(run_id, message + "\n" + traceback.format_exc(), claim)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)  # a retry starts afresh
+        if not ours:  # taken over meanwhile (its folder removed under us): the new owner's result counts
+            return Outcome(run_id, method, seed, "skipped")
         return Outcome(run_id, method, seed, "failed", error=message)
+    finally:
+        beat.stop()
+
+
+def _read_log_rows(folder: Path) -> list[dict[str, str]]:
+    """The CSV log rows a previous attempt wrote (the logger starts a new file when it is created)."""
+    file = folder / "logs" / "metrics.csv"
+    if not file.is_file():
+        return []
+    with file.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _keep_earlier_logs(folder: Path, earlier: list[dict[str, str]]) -> None:
+    """Put back the log rows of the epochs trained before a resume, ahead of this attempt's rows."""
+    file = folder / "logs" / "metrics.csv"
+    if not earlier or not file.is_file():
+        return
+    with file.open(newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = list(reader.fieldnames or []), list(reader)
+    first = min((int(float(r["step"])) for r in rows if r.get("step")), default=None)
+    kept = [r for r in earlier if r.get("step") and (first is None or int(float(r["step"])) < first)]
+    for key in (k for r in kept for k in r):
+        if key not in fields:
+            fields.append(key)
+    tmp = file.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(kept + rows)
+    os.replace(tmp, file)
+
+
+def _record_attempt(folder: Path, claim: str, started: float, epochs: list[int]) -> None:
+    """Append this attempt to ``attempts.json``: which epochs it trained (a resumed attempt starts after
+    the epochs its saved state covered)."""
+    file = folder / "attempts.json"
+    attempts = json.loads(file.read_text()) if file.is_file() else []
+    attempts.append({"owner": claim, "started": started, "finished": time.time(),
+                     "first_epoch": epochs[0] if epochs else None, "epochs_trained": len(epochs)})
+    file.write_text(json.dumps(attempts, indent=2))
 
 
 _FLOPS: dict[str, float | None] = {}  # FLOPs per sample per model config, counted once per process
@@ -137,6 +244,103 @@ def default_jobs() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Make this worker die with the sweep's process: the kernel's parent-death signal where there is one
+    (Linux), and a watchdog thread everywhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                os._exit(70)
+            time.sleep(1.0)
+
+    if os.getppid() != parent:  # the parent died before the signal was set
+        os._exit(70)
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _worker_main(parent: int, claim: str, args: tuple[Any, ...], conn: Any) -> None:
+    """A worker process: one run, its outcome sent back through ``conn``."""
+    _exit_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the sweep, which stops us
+    store_root, run_id, method, seed, config, threads, plugins = args
+    _init_worker(threads)
+    outcome = train_claimed(store_root, run_id, claim, method, seed, config, threads, plugins)
+    conn.send(dataclasses.asdict(outcome))
+    conn.close()
+
+
+def _death(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        hint = " (out of memory? the OOM killer sends SIGKILL)" if -exitcode == signal.SIGKILL else ""
+        return f"WorkerDied: the worker process was killed by {name}{hint}"
+    return f"WorkerDied: the worker process exited with code {exitcode} before reporting"
+
+
+def _run_processes(args: list[tuple[Any, ...]], store: Store, jobs: int,
+                   report: Callable[[Outcome], None], retries: int = DEATH_RETRIES) -> None:
+    """Train each run in a process of its own, ``jobs`` at a time (a dead worker costs only its run)."""
+    context = multiprocessing.get_context("spawn")  # no forked torch thread pools
+    queue = list(args)
+    deaths: dict[str, int] = {}
+    running: dict[Any, tuple[Any, Any, tuple[Any, ...], str]] = {}  # sentinel -> process, pipe, args, claim
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                a = queue.pop(0)
+                claim = store.claim(a[1])
+                if claim is None:
+                    report(Outcome(a[1], a[2], a[3], "cached" if store.status(a[1]) == "done" else "skipped"))
+                    continue
+                receive, send = context.Pipe(duplex=False)
+                process = context.Process(target=_worker_main, args=(os.getpid(), claim, a, send), daemon=False)
+                process.start()
+                send.close()
+                running[process.sentinel] = (process, receive, a, claim)
+            if not running:
+                continue
+            for sentinel in multiprocessing.connection.wait(list(running)):
+                process, receive, a, claim = running.pop(sentinel)
+                outcome = None
+                try:
+                    if receive.poll():
+                        outcome = Outcome(**receive.recv())
+                except (EOFError, OSError):
+                    outcome = None
+                receive.close()
+                process.join()
+                if outcome is not None:
+                    report(outcome)
+                    continue
+                error = _death(process.exitcode)
+                store.fail(a[1], error, claim)
+                deaths[a[1]] = deaths.get(a[1], 0) + 1
+                if deaths[a[1]] <= retries:
+                    queue.insert(0, a)  # again, from the state the dead worker saved
+                else:
+                    report(Outcome(a[1], a[2], a[3], "failed", error=error))
+    except BaseException:  # Ctrl-C, SIGTERM: stop the workers, mark their runs interrupted
+        for process, _, _, _ in running.values():
+            process.terminate()
+        deadline = time.monotonic() + 5.0
+        for process, _, _, _ in running.values():
+            process.join(max(0.1, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join()
+        for _, receive, a, claim in running.values():
+            receive.close()
+            store.fail(a[1], "interrupted", claim, status="interrupted")
+        raise
+
+
 def execute_plan(
     plan: list[PlannedRun],
     store: Store,
@@ -152,9 +356,10 @@ def execute_plan(
 ) -> list[Outcome]:
     """Train every run of ``plan`` that is not done; ``jobs`` processes, torch threads split between them.
 
-    A run that another live process is training (a concurrent sweep, or the orphaned workers of a killed
-    one) is waited for and then reported from the store, or trained here if its owner dies (``wait=False``
-    reports it as ``skipped`` instead).
+    A run that another live process is training (a concurrent sweep, or one that took it over) is waited
+    for and then reported from the store, or trained here if its owner dies (``wait=False`` reports it as
+    ``skipped`` instead). A done run whose folder is gone (``missing``) is reported as such and not trained
+    (``fuselab runs retry --status missing`` sends it back).
     """
     outcomes: list[Outcome] = []
     held: list[Outcome] = []
@@ -173,8 +378,9 @@ def execute_plan(
         if run.run_id in seen:
             continue
         seen.add(run.run_id)
-        if store.status(run.run_id) == "done":
-            report(Outcome(run.run_id, run.method, run.seed, "cached"))
+        status = store.status(run.run_id)
+        if status in ("done", "missing"):
+            report(Outcome(run.run_id, run.method, run.seed, "cached" if status == "done" else "missing"))
         else:
             todo.append(run)
     threads = max(1, default_jobs() // max(1, jobs))
@@ -193,11 +399,7 @@ def execute_plan(
         for a in args.values():
             report(train_one(*a))
     else:
-        context = multiprocessing.get_context("spawn")  # no forked torch thread pools
-        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=context,
-                                 initializer=_init_worker, initargs=(threads,)) as pool:
-            for future in as_completed([pool.submit(train_one, *a) for a in args.values()]):
-                report(future.result())
+        _run_processes(list(args.values()), store, jobs, report)
     while held:
         time.sleep(poll_seconds)
         waiting, held[:] = list(held), []

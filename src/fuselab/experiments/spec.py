@@ -180,7 +180,7 @@ def parse_spec(
     loaded = [load_plugin(p) for p in plugins] + [load_plugin(p, base=base_dir) for p in listed]
     resolved = [_plugin_key(p, base_dir) for p in [*plugins, *listed]]
     del loaded
-    name = str(raw.get("name") or default_name)
+    name = check_experiment_name(str(raw.get("name") or default_name))
     base = raw.get("base") or {}
     if not isinstance(base, dict):
         raise ConfigError("spec key 'base' must be a mapping of config sections")
@@ -200,7 +200,7 @@ def parse_spec(
         methods.append(Method(str(variant["name"]), _flatten("", body) if body else {}))
     if not methods:
         methods.append(Method("base", {}))
-    names = [m.name for m in methods]
+    names = [check_method_name(m.name, name) for m in methods]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"spec '{name}' has two methods named '{duplicates[0]}'; rename a variant")
@@ -225,6 +225,27 @@ def parse_spec(
 
         check_space(spec)  # every search key must be a config key of at least one method
     return spec
+
+
+def check_experiment_name(name: str) -> str:
+    """An experiment name is a folder name in the store (``<store>/<name>/report``): letters, digits and
+    ``. _ - +`` (and spaces), starting with a letter or digit; never a path."""
+    if (not name or len(name) > 128 or not name[0].isalnum() or ".." in name
+            or not all(c.isalnum() or c in "._-+ " for c in name)):
+        raise ConfigError(f"experiment name {name!r} is not a safe folder name; use letters, digits and . _ - + "
+                          "(no '/', '\\' or '..'), e.g. name: my-compare")
+    return name
+
+
+def check_method_name(method: str, spec_name: str) -> str:
+    """A method name is a label (``image-only/clean`` is fine), but never a path that could leave the store:
+    not absolute, no ``..`` part, no backslash or control characters."""
+    parts = method.split("/")
+    if (not method or len(method) > 200 or method.startswith("/") or any(p in ("", ".", "..") for p in parts)
+            or "\\" in method or any(not c.isprintable() for c in method)):
+        raise ConfigError(f"spec '{spec_name}': method name {method!r} is not a safe label; use letters, digits, "
+                          "- _ . and '/' between words (not absolute, no '..' or '\\')")
+    return method
 
 
 def _fairness_options(raw: dict[str, Any], name: str) -> dict[str, Any]:

@@ -13,6 +13,10 @@ An encoder returns a vector (B, D), tokens (B, N, D), a map (B, C, H, W), or a l
 (the last stage is fused). Output widths are found by running each encoder once on two samples, so
 ``out_dim`` is only needed when that is not possible. ``timm:NAME`` builds a timm model (``pip install timm``)
 without pretrained weights and without its classifier.
+
+A config is data, never code to run: a ``target`` must be an ``nn.Module`` subclass (checked before anything
+is called), or a factory function a plugin has allowed with :func:`allow_encoder_factory`. So a config
+(or a tampered ``config.yaml`` in a shared store) cannot name ``os.system`` or any other callable.
 """
 
 from __future__ import annotations
@@ -32,10 +36,28 @@ from fuselab.registry import MODELS
 _FORM_OF_RANK = {rank: form for form, rank in FORM_RANK.items()}
 
 
+_ALLOWED_FACTORIES: dict[str, Any] = {}  # import path -> a function that returns an nn.Module
+
+
+def allow_encoder_factory(target: str) -> Any:
+    """Allow a function (not an ``nn.Module`` class) as an encoder ``target``; use it as a decorator in a
+    plugin::
+
+        @allow_encoder_factory("myplugin.small_cnn")
+        def small_cnn(channels: int = 32) -> nn.Module: ...
+    """
+
+    def register(factory: Any) -> Any:
+        _ALLOWED_FACTORIES[target] = factory
+        return factory
+
+    return register
+
+
 def import_target(target: str) -> Any:
     """``pkg.mod.Name`` -> the object; one clear error when it cannot be imported."""
     module_name, _, attr = target.rpartition(".")
-    if not module_name:
+    if not module_name or not all(part.isidentifier() for part in target.split(".")):
         raise ValueError(f"encoder target '{target}' must be a dotted import path like mypkg.nets.MyNet")
     try:
         module = importlib.import_module(module_name)
@@ -46,11 +68,24 @@ def import_target(target: str) -> Any:
     return getattr(module, attr)
 
 
+def resolve_target(target: str) -> Any:
+    """The class (an ``nn.Module`` subclass) or allowed factory an encoder ``target`` names; anything
+    else is refused before it is called."""
+    if target in _ALLOWED_FACTORIES:
+        return _ALLOWED_FACTORIES[target]
+    obj = import_target(target)
+    if isinstance(obj, type) and issubclass(obj, nn.Module):
+        return obj
+    kind = "a class that is not an nn.Module" if isinstance(obj, type) else f"a {type(obj).__name__}, not an nn.Module class"
+    raise ValueError(f"encoder target '{target}' is {kind}; targets must be nn.Module subclasses "
+                     "(a plugin can allow a factory function with fuselab.models.custom.allow_encoder_factory)")
+
+
 def build_encoder(spec: Mapping[str, Any]) -> nn.Module:
     spec = dict(spec)
     target = spec.pop("target", None)
     spec.pop("out_dim", None)
-    if not target:
+    if not target or not isinstance(target, str):
         raise ValueError("every model.encoders entry needs a target, e.g. {target: mypkg.nets.MyNet}")
     if target.startswith("timm:"):
         try:
@@ -58,7 +93,7 @@ def build_encoder(spec: Mapping[str, Any]) -> nn.Module:
         except ImportError:
             raise ValueError(f"encoder '{target}' needs timm: pip install timm") from None
         return timm.create_model(target[5:], pretrained=False, num_classes=0, **spec)
-    cls = import_target(target)
+    cls = resolve_target(target)
     try:
         module = cls(**spec)
     except TypeError as exc:
@@ -126,13 +161,23 @@ def custom_streams(
                 raise ValueError(f"model.encoders.{m}: give out_dim (no example batch to measure it on)")
             widths[m], form = int(spec["out_dim"]), "vector"
         else:
+            x = example[m][:2]
             with torch.no_grad():
                 was = module.training
-                out = module.eval()(example[m][:2])
+                try:
+                    out = module.eval()(x)
+                except Exception as exc:  # noqa: BLE001 - a user's encoder that does not fit the data
+                    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    raise ValueError(f"encoder of '{m}' ({spec.get('target')}) fails on an input of shape "
+                                     f"{tuple(x.shape)}: {first}") from None
                 module.train(was)
+            if not isinstance(out, Tensor):
+                raise ValueError(f"encoder of '{m}' returned a {type(out).__name__}; expected a tensor "
+                                 "(B, D), (B, N, D) or (B, C, H, W), or a list of them")
             form = _FORM_OF_RANK.get(out.dim())
-            if form is None:
-                raise ValueError(f"encoder of '{m}' returned shape {tuple(out.shape)}; expected rank 2, 3 or 4")
+            if form is None or out.shape[0] != x.shape[0]:
+                raise ValueError(f"encoder of '{m}' returned shape {tuple(out.shape)} for a batch of {x.shape[0]}; "
+                                 "expected (B, D), (B, N, D) or (B, C, H, W) with the batch first")
             widths[m] = int(out.shape[1] if out.dim() == 4 else out.shape[-1])
         forms.add(form)
     fusion = dict(fusion)

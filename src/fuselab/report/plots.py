@@ -186,6 +186,12 @@ def cached_flops(run_dir: str | Path, cfg: Any = None, *, compute: bool = True,
             return float(json.loads(cache.read_text())["flops_per_sample"])
         except (ValueError, KeyError, TypeError):
             pass
+    try:  # counted when the run trained
+        recorded = json.loads((run_dir / "metrics.json").read_text()).get("flops")
+        if recorded is not None:
+            return float(recorded)
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
     if not compute:
         return None
     from omegaconf import OmegaConf
@@ -199,6 +205,8 @@ def cached_flops(run_dir: str | Path, cfg: Any = None, *, compute: bool = True,
         cfg = make_config(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True))
     elif not hasattr(cfg, "_get_node"):
         cfg = make_config(dict(cfg))
+    if not rebuildable(cfg):  # a report never runs what a stored config names
+        return None
     key = json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True) + f"|{cfg.seed}"
     data = None
     if data_cache is not None:
@@ -213,6 +221,29 @@ def cached_flops(run_dir: str | Path, cfg: Any = None, *, compute: bool = True,
     except OSError:  # a read-only store still gets its plot
         pass
     return flops
+
+
+def rebuildable(cfg: Any) -> bool:
+    """May a report rebuild the model of a stored config to count its FLOPs? Only when the dataset, model
+    and fusion are registered ids and nothing in it is an import path (``custom-streams`` encoders name
+    arbitrary classes): a stored config in a shared store is data, never code to run."""
+    from omegaconf import OmegaConf
+
+    from fuselab.registry import DATASETS, FUSIONS, MODELS
+
+    container = OmegaConf.to_container(cfg, resolve=True) if hasattr(cfg, "_get_node") else dict(cfg)
+
+    def has_target(value: Any) -> bool:
+        if isinstance(value, dict):
+            return "target" in value or any(has_target(v) for v in value.values())
+        if isinstance(value, list):
+            return any(has_target(v) for v in value)
+        return False
+
+    names = [(DATASETS, (container.get("data") or {}).get("name")), (MODELS, (container.get("model") or {}).get("name")),
+             (FUSIONS, (container.get("fusion") or {}).get("name"))]
+    registered = all(name is None or name in registry.list() for registry, name in names)
+    return registered and not has_target(container.get("model"))
 
 
 def method_flops(frame: pd.DataFrame, *, compute: bool = True) -> dict[str, float]:

@@ -120,7 +120,7 @@ def fit(
     history: list[dict[str, float]] = []
     stale, first_epoch = 0, 0
     if resume_path is not None and resume_path.is_file():
-        state = torch.load(resume_path, map_location="cpu", weights_only=False)
+        state = torch.load(resume_path, map_location="cpu", weights_only=True)  # tensors and plain types only: never runs code
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

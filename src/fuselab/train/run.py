@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
@@ -159,11 +160,11 @@ def execute(
         resume_path = run_dir / ("resume.pt" if len(parts) == 1 else f"resume-fold{i}.pt") if keep else None
         finished = run_dir / f"finished-fold{i}.pt" if keep and len(parts) > 1 else None
         if finished is not None and finished.is_file():  # a fold completed before the run was interrupted
-            results.append(torch.load(finished, weights_only=False))
+            results.append(FitResult(**torch.load(finished, weights_only=True)))  # plain tensors and types: never runs code
             continue
         result = fit(model, part, loss, tcfg, seed=int(cfg.seed), fabric=fabric, on_epoch=on_epoch, resume_path=resume_path)
         if finished is not None:
-            torch.save(result, finished)
+            torch.save({f.name: getattr(result, f.name) for f in dataclasses.fields(result)}, finished)
         if resume_path is not None:
             resume_path.unlink(missing_ok=True)
         results.append(result)
