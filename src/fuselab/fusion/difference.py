@@ -4,8 +4,13 @@ Legend: b batch, m modality, c channels, h height, w width of a map.
 
 Change-detection necks compare two co-registered maps. For more than two modalities every operator here
 uses the mean over all pairs (``|x_i - x_j|`` for i < j), so no modality is privileged; only ``diff``,
-whose sign needs an order, takes an ``order`` option. Inputs of different widths are first projected to a
-common width by a 1x1 convolution (``ChannelLinear``).
+whose sign needs an order, takes an ``order`` option.
+
+Widths: ``diff`` and ``abs-diff`` are Siamese: every input goes through the same map, so equal inputs give
+exactly 0, ``diff`` is antisymmetric and ``abs-diff`` symmetric at any width and any ``out_dim``. An input
+narrower than the widest one is zero-padded (channel k meets channel k, as CEN's exchange at unequal
+widths), and ``out_dim`` is reached by one shared 1x1 projection. ``concat-diff`` and ``tfi`` zero-pad the
+same way, so their ``|x_i - x_j|`` is also 0 for equal inputs; their own convolutions give ``out_dim``.
 """
 
 from __future__ import annotations
@@ -14,9 +19,10 @@ import itertools
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fuselab.fusion.base import Merge, resolve_order
+from fuselab.fusion.base import ChannelLinear, Merge, resolve_order
 from fuselab.fusion.basic import project_to_common
 from fuselab.registry import FUSIONS
 
@@ -40,6 +46,81 @@ def check_odd_kernel(kernel_size: int, where: str) -> int:
     return kernel_size
 
 
+class OneGroupNorm(nn.GroupNorm):
+    """GroupNorm with a single group: statistics over the channels and positions of each sample, so it works
+    at any batch size (also on a pooled (B, C, 1, 1) map at batch size 1)."""
+
+    def __init__(self, num_channels: int) -> None:
+        super().__init__(1, num_channels)
+
+
+MAP_NORMS: dict[str, type[nn.Module]] = {"batch": nn.BatchNorm2d, "group": OneGroupNorm}
+
+
+def resolve_norm(norm: str | type[nn.Module], where: str) -> type[nn.Module]:
+    """The norm layer class of a map operator: a name in ``MAP_NORMS`` (what a config can give) or a class."""
+    if isinstance(norm, type) and issubclass(norm, nn.Module):
+        return norm
+    if isinstance(norm, str) and norm in MAP_NORMS:
+        return MAP_NORMS[norm]
+    names = ", ".join(map(repr, MAP_NORMS))
+    raise ValueError(f"{where}: norm must be one of {names} or an nn.Module class, got {norm!r}")
+
+
+def is_batch_norm(norm: type[nn.Module]) -> bool:
+    """Does this norm class take statistics over the batch (and so need more than one value per channel)?"""
+    return issubclass(norm, nn.modules.batchnorm._BatchNorm)
+
+
+def check_batch_statistics(
+    module: nn.Module, x: Tensor, where: str, *, batch_norm: bool, pooled: bool = False
+) -> None:
+    """In training mode a batch norm needs more than one value per channel: a ValueError naming the fix
+    instead of PyTorch's error. ``pooled``: the norm sees the map after global pooling, (B, C, 1, 1)."""
+    values = x.shape[0] if pooled else x.shape[0] * x.shape[-2] * x.shape[-1]
+    if batch_norm and module.training and values == 1:
+        what = "a batch of 1" if pooled else "a single 1x1 map"
+        raise ValueError(
+            f"{where}: batch norm in training mode needs more than one value per channel, and {what} gives one; "
+            "use norm='group' (or a larger batch)"
+        )
+
+
+def pad_channels(x: Tensor, width: int) -> Tensor:
+    """A map (B, C, H, W) zero-padded on the channel axis to (B, width, H, W), width >= C."""
+    return F.pad(x, (0, 0, 0, 0, 0, width - x.shape[1])) if x.shape[1] < width else x
+
+
+class _Siamese(Merge):
+    """A difference merge whose inputs all go through one map: zero-padding to the widest input width, then
+    (where ``out_dim`` differs from that width) one shared 1x1 projection. ``projection="independent"``
+    keeps a separate projection per input instead (not a Siamese difference: equal inputs do not give 0)."""
+
+    forms = ("map",)
+    natural_out_dim = "the largest input width"
+    projections = ("shared", "independent")
+    registry_name = ""  # the id in error messages
+
+    def __init__(self, dims: Mapping[str, int], out_dim: int | None = None, *, projection: str = "shared") -> None:
+        super().__init__(dims, out_dim)
+        where = self.registry_name
+        if projection not in self.projections:
+            raise ValueError(f"{where}: projection must be 'shared' or 'independent', got {projection!r}")
+        self.projection = projection
+        self.width = max(self.dims.values())
+        self.out_dim = out_dim or self.width
+        if projection == "shared":
+            self.proj = ChannelLinear(self.width, self.out_dim) if self.out_dim != self.width else nn.Identity()
+        else:
+            self.proj = project_to_common(self.dims, self.out_dim)
+
+    def project(self, m: str, x: Tensor) -> Tensor:
+        """Modality ``m``'s map (B, C_m, H, W) at the output width (B, out, H, W)."""
+        if self.projection == "shared":
+            return self.proj(pad_channels(x, self.width))  # one call per input: equal inputs, equal bits
+        return self.proj[m](x)
+
+
 def conv_norm_relu(
     in_channels: int, out_channels: int, *, kernel_size: int, norm: type[nn.Module]
 ) -> nn.Sequential:
@@ -52,7 +133,7 @@ def conv_norm_relu(
 
 
 class _CommonWidth(Merge):
-    """A map merge whose modalities are first projected to a common width ``self.width``."""
+    """A map merge whose modalities are first zero-padded to a common width ``self.width`` (the largest)."""
 
     forms = ("map",)
     natural_out_dim = "the largest input width"
@@ -60,68 +141,70 @@ class _CommonWidth(Merge):
     def __init__(self, dims: Mapping[str, int], out_dim: int | None = None) -> None:
         super().__init__(dims, out_dim)
         self.width = max(self.dims.values())
-        self.proj = project_to_common(self.dims, self.width)
         self.out_dim = out_dim or self.width
 
     def common(self, xs: Mapping[str, Tensor]) -> list[Tensor]:
-        """M maps (B, width, H, W), in the order of ``xs``."""
-        return [self.proj[m](x) for m, x in xs.items()]
+        """M maps (B, width, H, W), modalities in sorted order."""
+        return [pad_channels(xs[m], self.width) for m in self.modalities]
 
 
 @FUSIONS.register("diff")
-class Diff(Merge):
+class Diff(_Siamese):
     """Signed difference ``b - a`` of two maps (the later modality of ``order`` minus the earlier one).
 
     Paper: the 'diff' policy of Siamese change-detection necks. Reference: open-cd
-    ``models/necks/feature_fusion.py`` (``x2 - x1``). Rule for M modalities: the last modality of ``order``
-    minus the mean of the others. Each input is projected to the output width (default: the largest input
-    width) where its width differs.
+    ``models/necks/feature_fusion.py`` (``x2 - x1``). Rule for M modalities: the mean over the other
+    modalities of (last modality of ``order`` minus that modality), i.e. the last minus the mean of the
+    others. Widths: Siamese (see the module docstring): inputs are zero-padded to the widest input and
+    ``out_dim`` is reached by one shared 1x1 projection P, whose bias cancels, so ``z = P(b) - P(a)`` is 0
+    for equal inputs and changes sign when the inputs are swapped. ``projection="independent"`` gives each
+    input its own projection P_m instead; that is not a Siamese difference (equal inputs do not give 0).
     """
 
-    forms = ("map",)
     asymmetric = True
+    registry_name = "diff"
     multimodal_rule = "the last modality of `order` minus the mean of the others (b - a for two, sorted order)"
-    natural_out_dim = "the largest input width"
     paper = "feature difference of Siamese change-detection networks (open-cd 'diff' policy)"
     reference = "open-cd models/necks/feature_fusion.py (policy 'diff': x2 - x1)"
-    formula = "z = P_last x_last - mean_{m != last} P_m x_m"
+    formula = "z = mean_{m != last} (P x_last - P x_m), P shared (zero-pad, then 1x1 conv to out_dim if needed)"
 
     def __init__(
-        self, dims: Mapping[str, int], out_dim: int | None = None, *, order: Sequence[str] | None = None
+        self,
+        dims: Mapping[str, int],
+        out_dim: int | None = None,
+        *,
+        order: Sequence[str] | None = None,
+        projection: str = "shared",
     ) -> None:
-        super().__init__(dims, out_dim)
+        super().__init__(dims, out_dim, projection=projection)
         self.order = resolve_order(list(self.dims), order, "diff")
-        self.out_dim = out_dim or max(self.dims.values())
-        self.proj = project_to_common(self.dims, self.out_dim)
 
     def merge(self, xs: dict[str, Tensor]) -> Tensor:
-        *others, last = (self.proj[m](xs[m]) for m in self.order)
-        return last - torch.stack(others, dim=0).mean(0)
+        *others, last = (self.project(m, xs[m]) for m in self.order)
+        return torch.stack([last - x for x in others], dim=0).mean(0)  # exactly 0 where the inputs are equal
 
 
 @FUSIONS.register("abs-diff")
-class AbsDiff(Merge):
+class AbsDiff(_Siamese):
     """Absolute difference ``|a - b|``; for M modalities the mean of ``|x_i - x_j|`` over all pairs.
 
     Paper: Daudt et al., "Fully Convolutional Siamese Networks for Change Detection", ICIP 2018 (FC-Siam-diff
-    skip connections); the 'abs_diff' policy of Siamese change-detection necks. Reference: open-cd ``models/necks/feature_fusion.py`` (policy 'abs_diff'). Each input is projected to
-    the output width (default: the largest input width) where its width differs.
+    skip connections); the 'abs_diff' policy of Siamese change-detection necks. Reference: open-cd
+    ``models/necks/feature_fusion.py`` (policy 'abs_diff'). Widths: Siamese (see the module docstring):
+    inputs are zero-padded to the widest input and ``out_dim`` is reached by one shared 1x1 projection P,
+    so ``z = |P(a) - P(b)|`` is 0 for equal inputs and symmetric in its inputs. ``projection="independent"``
+    gives each input its own projection P_m instead; that is not a Siamese difference (equal inputs do not
+    give 0, and swapping the inputs changes the result).
     """
 
-    forms = ("map",)
+    registry_name = "abs-diff"
     multimodal_rule = "mean over all pairs i < j of |x_i - x_j|"
-    natural_out_dim = "the largest input width"
     paper = "Daudt et al., Fully Convolutional Siamese Networks for Change Detection (FC-Siam-diff), ICIP 2018"
     reference = "open-cd models/necks/feature_fusion.py (policy 'abs_diff': |x1 - x2|)"
-    formula = "z = mean_{i<j} |P_i x_i - P_j x_j|"
-
-    def __init__(self, dims: Mapping[str, int], out_dim: int | None = None) -> None:
-        super().__init__(dims, out_dim)
-        self.out_dim = out_dim or max(self.dims.values())
-        self.proj = project_to_common(self.dims, self.out_dim)
+    formula = "z = mean_{i<j} |P x_i - P x_j|, P shared (zero-pad, then 1x1 conv to out_dim if needed)"
 
     def merge(self, xs: dict[str, Tensor]) -> Tensor:
-        return mean_abs_difference([self.proj[m](x) for m, x in xs.items()])
+        return mean_abs_difference([self.project(m, xs[m]) for m in self.modalities])
 
 
 @FUSIONS.register("concat-diff")
@@ -132,7 +215,8 @@ class ConcatDiff(_CommonWidth):
     Inference Data", EMNLP 2017 (features ``[u, v, |u - v|, u * v]``); the same head as Sentence-BERT's
     classification objective (``[u, v, |u - v|]``). Reference: facebookresearch/InferSent ``models.py``
     (NLINet). Applied here to maps with a ``kernel_size`` convolution (default 1x1). Rule for M modalities:
-    all modalities, then the mean over pairs of ``|x_i - x_j|`` (and of ``x_i * x_j``).
+    all modalities, then the mean over pairs of ``|x_i - x_j|`` (and of ``x_i * x_j``). Inputs narrower
+    than the widest one are zero-padded to its width.
     """
 
     multimodal_rule = "[x_1..x_M, mean_{i<j} |x_i - x_j| (, mean_{i<j} x_i * x_j)], then a convolution"
@@ -172,7 +256,9 @@ class TemporalFeatureInteraction(_CommonWidth):
     (TemporalFeatureInteractionModule). Rule for M modalities: the difference is the mean over pairs of
     ``|x_i - x_j|``, each modality has its own enhancement convolution, and the fusion convolution takes all
     M enhanced maps. Differences: convolutions followed by a norm have no bias (the norm cancels it); the
-    output width defaults to the common input width (the reference always reduces to 64).
+    output width defaults to the common input width (the reference always reduces to 64). ``norm`` is
+    ``"batch"`` (the reference's BatchNorm2d), ``"group"`` (GroupNorm with one group, for a single 1x1 map in
+    training) or a norm class.
     """
 
     multimodal_rule = (
@@ -191,10 +277,12 @@ class TemporalFeatureInteraction(_CommonWidth):
         out_dim: int | None = None,
         *,
         kernel_size: int = 3,
-        norm: type[nn.Module] = nn.BatchNorm2d,
+        norm: str | type[nn.Module] = "batch",
     ) -> None:
         super().__init__(dims, out_dim)
         kernel_size = check_odd_kernel(kernel_size, "tfi")
+        norm = resolve_norm(norm, "tfi")
+        self.batch_norm = is_batch_norm(norm)
         width = self.width
         self.conv_diff = conv_norm_relu(width, width, kernel_size=kernel_size, norm=norm)
         self.enhance = nn.ModuleDict(
@@ -205,7 +293,8 @@ class TemporalFeatureInteraction(_CommonWidth):
 
     def merge(self, xs: dict[str, Tensor]) -> Tensor:
         common = self.common(xs)  # M x (B, C, H, W)
+        check_batch_statistics(self, common[0], "tfi", batch_norm=self.batch_norm)
         d = self.conv_diff(mean_abs_difference(common))  # (B, C, H, W)
-        enhanced = [self.enhance[m](x * d + x) for m, x in zip(xs, common)]
+        enhanced = [self.enhance[m](x * d + x) for m, x in zip(self.modalities, common)]
         fused = self.conv_cat(torch.cat(enhanced, dim=1))  # (B, M C, H, W) -> (B, C, H, W)
         return self.conv_out(d + fused)  # (B, out, H, W)

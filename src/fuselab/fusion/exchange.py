@@ -5,10 +5,11 @@ Legend: b batch, m modality, c channels, h height, w width of a map.
 
 An exchange returns one map per modality, each the shape of its input. Rule for more than two modalities:
 what a modality receives is the mean of what the other modalities send, which for two modalities is
-exactly the papers' swap. Streams of different widths meet at a common width (the largest): a sender is
-projected up by a 1x1 convolution (``ChannelLinear``) and what a stream receives is projected back to its
-own width; streams that already have the common width are not projected, so parameter-free exchanges
-stay parameter-free.
+exactly the papers' swap. Streams of different widths: the swaps (spatial-exchange, channel-exchange-p)
+stay true swaps and parameter-free, channel k receiving the mean of the other streams that have a channel
+k (a stream keeps its own channel k where no other has one), as CEN does; rectify, whose weights need one
+width, meets at the largest width, a sender projected up by a 1x1 convolution (``ChannelLinear``) and what
+a stream receives projected back to its own width (streams of that width are not projected).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -26,10 +28,26 @@ from fuselab.registry import FUSIONS
 
 
 def mean_of_others(xs: Sequence[Tensor]) -> list[Tensor]:
-    """For each of M >= 2 same-shaped tensors, the mean of the other ones (for M = 2, the other one)."""
-    if len(xs) == 2:
-        return [xs[1], xs[0]]
-    return [torch.stack([y for j, y in enumerate(xs) if j != i], dim=0).mean(0) for i in range(len(xs))]
+    """For each of M >= 2 tensors (B, C_m, ...), what it receives from the others: the mean of the other ones
+    (for M = 2 and equal shapes, the other one itself).
+
+    Widths C_m may differ: channel k then receives the mean over the other tensors that have a channel k,
+    and keeps its own value where none has (for two tensors, a swap of the channels both have).
+    """
+    widths = [x.shape[1] for x in xs]
+    if len(set(widths)) == 1:
+        if len(xs) == 2:
+            return [xs[1], xs[0]]
+        return [torch.stack([y for j, y in enumerate(xs) if j != i], dim=0).mean(0) for i in range(len(xs))]
+    out = []
+    for i, x in enumerate(xs):
+        width = widths[i]
+        others = [y[:, :width] for j, y in enumerate(xs) if j != i]  # each (B, min(C_j, C_i), ...)
+        total = sum(F.pad(y, (0, 0) * (y.dim() - 2) + (0, width - y.shape[1])) for y in others)  # (B, C_i, ...)
+        count = sum((torch.arange(width, device=x.device) < y.shape[1]).to(x.dtype) for y in others)  # (C_i,)
+        count = count.view(-1, *([1] * (x.dim() - 2)))
+        out.append(torch.where(count > 0, total / count.clamp_min(1), x))
+    return out
 
 
 def check_fraction(p: float, where: str) -> int:
@@ -61,9 +79,12 @@ class _MapExchange(Exchange):
         return [self.to_common[m](x) for m, x in xs.items()]
 
 
-class _PeriodicSwap(_MapExchange):
-    """Replace every ``1/p``-th index of one axis by the mean of the other modalities; no parameters when
-    all widths are equal."""
+class _PeriodicSwap(Exchange):
+    """Replace every ``1/p``-th index of one axis by the mean of the other modalities; no parameters at any
+    widths (at unequal widths, channel k receives what the others have at channel k; see ``mean_of_others``)."""
+
+    forms = ("map",)
+    natural_out_dim = "each modality keeps its own width"
 
     def __init__(self, dims: Mapping[str, int], *, p: float = 0.5) -> None:
         super().__init__(dims)
@@ -71,11 +92,8 @@ class _PeriodicSwap(_MapExchange):
         self.period = check_fraction(p, type(self).__name__)
 
     def exchange(self, xs: dict[str, Tensor]) -> dict[str, Tensor]:
-        incoming = mean_of_others(self.common(xs))  # M x (B, width, H, W)
-        out = {}
-        for (m, x), received in zip(xs.items(), incoming):
-            out[m] = torch.where(self.mask(x), self.from_common[m](received), x)
-        return out
+        incoming = mean_of_others([xs[m] for m in self.modalities])  # M x (B, C_m, H, W)
+        return {m: torch.where(self.mask(xs[m]), received, xs[m]) for m, received in zip(self.modalities, incoming)}
 
     def mask(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -88,7 +106,9 @@ class SpatialExchange(_PeriodicSwap):
 
     Paper: Fang et al., "Changer: Feature Interaction is What You Need for Change Detection", IEEE TGRS 2023.
     Reference: open-cd ``models/utils/interaction_layer.py`` (SpatialExchange, p = 1/2). Rule for M
-    modalities: an exchanged column receives the mean of the other modalities' columns.
+    modalities: an exchanged column receives the mean of the other modalities' columns. Unequal widths: in
+    an exchanged column, channel k receives the other modalities' channel k (their mean) and keeps its own
+    where no other modality has a channel k; still no parameters.
     """
 
     multimodal_rule = "an exchanged column receives the mean of the other modalities' columns (a swap for two)"
@@ -107,7 +127,9 @@ class ChannelExchangeP(_PeriodicSwap):
 
     Paper: Fang et al., "Changer: Feature Interaction is What You Need for Change Detection", IEEE TGRS 2023.
     Reference: open-cd ``models/utils/interaction_layer.py`` (ChannelExchange, p = 1/2). Rule for M
-    modalities: an exchanged channel receives the mean of the other modalities' channels.
+    modalities: an exchanged channel receives the mean of the other modalities' channels. Unequal widths:
+    exchanged channel k receives the other modalities' channel k (their mean; for two, a true swap of the
+    channels both have) and keeps its own where no other modality has a channel k; still no parameters.
     """
 
     multimodal_rule = "an exchanged channel receives the mean of the other modalities' channels (a swap for two)"
@@ -156,14 +178,14 @@ class FeatureRectify(_MapExchange):
         )
 
     def exchange(self, xs: dict[str, Tensor]) -> dict[str, Tensor]:
-        stacked = torch.stack(self.common(xs), dim=0)  # (M, B, C, H, W)
+        stacked = torch.stack(self.common({m: xs[m] for m in self.modalities}), dim=0)  # (M, B, C, H, W), sorted
         joint = rearrange(stacked, "m b c h w -> b (m c) h w")
         pooled = torch.cat([joint.mean((-2, -1)), joint.amax((-2, -1))], dim=1)  # (B, 2 M C)
         channel = rearrange(self.channel_weights(pooled).sigmoid(), "b (m c) -> m b c 1 1", m=len(xs))
         spatial = rearrange(self.spatial_weights(joint).sigmoid(), "b m h w -> m b 1 h w")
         sent = (self.lambda_c * channel + self.lambda_s * spatial) * stacked  # (M, B, C, H, W)
         incoming = mean_of_others(list(sent))
-        return {m: x + self.from_common[m](received) for (m, x), received in zip(xs.items(), incoming)}
+        return {m: xs[m] + self.from_common[m](received) for m, received in zip(self.modalities, incoming)}
 
 
 def owned_parts(dims: Mapping[str, int]) -> dict[str, tuple[int, int]]:

@@ -6,6 +6,11 @@ Every operator takes maps ``(B, C_m, H, W)`` that share their spatial size. Wher
 width for all modalities, inputs of another width are first projected to the common width (the largest
 input width, or ``out_dim`` where the output is that width) by a 1x1 convolution (``ChannelLinear``).
 Reduction ratios must divide the width they reduce; this is checked when the operator is built.
+
+Batch norms: ``aff``, ``iaff`` and ``sk`` normalise a globally pooled (B, C, 1, 1) map, as their references
+do, so in training mode they need a batch of at least 2; with a batch of 1 they raise a ValueError that
+names ``norm="group"`` (GroupNorm with one group), which works at any batch size. ``ffm`` and ``tfi`` take
+the same ``norm`` option.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from torch import Tensor, nn
 
 from fuselab.fusion.base import ChannelLinear, Merge
 from fuselab.fusion.basic import project_to_common
-from fuselab.fusion.difference import check_odd_kernel
+from fuselab.fusion.difference import check_batch_statistics, check_odd_kernel, is_batch_norm, resolve_norm
 from fuselab.registry import FUSIONS
 
 
@@ -62,8 +67,8 @@ class _MapMerge(Merge):
         self.out_dim = self.width
 
     def common(self, xs: Mapping[str, Tensor]) -> Tensor:
-        """(M, B, width, H, W), modalities in the order of ``xs``."""
-        return torch.stack([self.proj[m](x) for m, x in xs.items()], dim=0)
+        """(M, B, width, H, W), modalities in sorted order (whatever the order of ``xs``)."""
+        return torch.stack([self.proj[m](xs[m]) for m in self.modalities], dim=0)
 
 
 class SqueezeExcite(nn.Module):
@@ -99,7 +104,7 @@ class SEAdd(_MapMerge):
         self.se = nn.ModuleDict({m: SqueezeExcite(self.width, hidden=hidden) for m in self.modalities})
 
     def merge(self, xs: dict[str, Tensor]) -> Tensor:
-        return sum(self.se[m](x) for m, x in zip(xs, self.common(xs)))
+        return sum(self.se[m](x) for m, x in zip(self.modalities, self.common(xs)))
 
 
 @FUSIONS.register("acm")
@@ -127,7 +132,8 @@ class ACM(_MapMerge):
         )
 
     def merge(self, xs: dict[str, Tensor]) -> Tensor:
-        return sum(x * self.attention[m](F.adaptive_avg_pool2d(x, 1)) for m, x in zip(xs, self.common(xs)))
+        common = self.common(xs)  # (M, B, C, H, W)
+        return sum(x * self.attention[m](F.adaptive_avg_pool2d(x, 1)) for m, x in zip(self.modalities, common))
 
 
 class _ConcatGate(Merge):
@@ -143,7 +149,8 @@ class _ConcatGate(Merge):
         self.proj = nn.Conv2d(self.total, self.out_dim, 1)
 
     def merge(self, xs: dict[str, Tensor]) -> Tensor:
-        return self.proj(self.gate(torch.cat(list(xs.values()), dim=1)))  # (B, sum C_m, H, W) -> (B, out, H, W)
+        joint = torch.cat([xs[m] for m in self.modalities], dim=1)  # (B, sum C_m, H, W), sorted order
+        return self.proj(self.gate(joint))  # (B, out, H, W)
 
     def gate(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -187,9 +194,15 @@ class CBAM(_ConcatGate):
 
 
 def eca_kernel_size(channels: int, *, gamma: int = 2, beta: int = 1) -> int:
-    """ECA-Net's adaptive kernel size: the odd integer nearest above ``|log2(C) / gamma + beta / gamma|``."""
+    """ECA-Net's adaptive kernel size ``k = |t|_odd``, ``t = (log2(C) + beta) / gamma``, and at least 3.
+
+    As the reference code: ``t`` is truncated to an integer and an even one goes up by 1, which is the odd
+    integer nearest to ``t`` (a tie at an even integer goes up). Below C = 8 that gives 1, a convolution
+    that sees one channel, i.e. no cross-channel interaction at all; as timm (``layers/eca.py``), the size is
+    clamped to at least 3. From C = 8 on the rule is the paper's.
+    """
     t = int(abs((math.log2(channels) + beta) / gamma))
-    return t if t % 2 else t + 1
+    return max(t if t % 2 else t + 1, 3)
 
 
 @FUSIONS.register("eca")
@@ -199,14 +212,16 @@ class ECA(_ConcatGate):
 
     Paper: Wang et al., "ECA-Net: Efficient Channel Attention for Deep Convolutional Neural Networks", CVPR
     2020. Reference: BangguWu/ECANet ``models/eca_module.py``. ``kernel_size=None`` (the default) picks the
-    paper's adaptive size from the summed width (gamma 2, b 1); the reference module hard-codes 3. Rule for
-    M modalities: all modalities are concatenated in sorted order.
+    paper's adaptive size from the summed width (gamma 2, b 1; ``eca_kernel_size``), at least 3 as in timm
+    (below a summed width of 8 the paper's rule gives 1, no interaction between channels); the reference
+    module hard-codes 3. An explicit ``kernel_size`` is used as given. Rule for M modalities: all
+    modalities are concatenated in sorted order.
     """
 
     multimodal_rule = "ECA on the concatenation of all modalities, then a 1x1 convolution"
     paper = "Wang et al., ECA-Net: Efficient Channel Attention for Deep Convolutional Neural Networks, CVPR 2020"
     reference = "BangguWu/ECANet models/eca_module.py"
-    formula = "x = [x_1..x_M], z = W(x * sigmoid(Conv1d_k(GAP x))), k = odd(|log2(C)/2 + 1/2|)"
+    formula = "x = [x_1..x_M], z = W(x * sigmoid(Conv1d_k(GAP x))), k = max(odd(|log2(C)/2 + 1/2|), 3)"
 
     def __init__(
         self, dims: Mapping[str, int], out_dim: int | None = None, *, kernel_size: int | None = None
@@ -259,7 +274,9 @@ class AFF(_MapMerge):
     Paper: Dai et al., "Attentional Feature Fusion", WACV 2021. Reference: YimianDai/open-aff
     ``aff_pytorch/aff_net/fusion.py`` (AFF). Differences: the paper's formula, without the factor 2 that
     both reference implementations put on the two terms (``scale=2`` restores it); convolutions before a
-    batch norm carry no bias. Rule for M modalities: MS-CAM of the sum gives M - 1 logit maps, the last
+    batch norm carry no bias. ``norm``: ``"batch"`` (the reference's BatchNorm2d; needs a batch of 2 or more
+    in training, its global branch being pooled), ``"group"`` (GroupNorm with one group) or a norm class.
+    Rule for M modalities: MS-CAM of the sum gives M - 1 logit maps, the last
     modality's logit is fixed at 0, and a softmax over modalities weights the sum; with two modalities this
     is exactly the paper's sigmoid, the first modality (sorted) taking ``M`` and the second ``1 - M``.
     """
@@ -279,16 +296,19 @@ class AFF(_MapMerge):
         *,
         reduction: int = 4,
         scale: float = 1.0,
-        norm: type[nn.Module] = nn.BatchNorm2d,
+        norm: str | type[nn.Module] = "batch",
     ) -> None:
         super().__init__(dims, out_dim)
         hidden = check_reduction(self.width, reduction, "aff")
+        norm = resolve_norm(norm, "aff")
+        self.batch_norm = is_batch_norm(norm)
         self.scale = float(scale)
         n_logits = (len(self.dims) - 1) * self.width
         self.attention = MultiScaleChannelAttention(self.width, n_logits, hidden=hidden, norm=norm)
 
     def merge(self, xs: dict[str, Tensor]) -> Tensor:
         stacked = self.common(xs)  # (M, B, C, H, W)
+        check_batch_statistics(self, stacked[0], "aff", batch_norm=self.batch_norm, pooled=True)
         weights = softmax_with_reference(self.attention(stacked.sum(0)), len(xs))
         return self.scale * (weights * stacked).sum(0)
 
@@ -302,7 +322,7 @@ class IAFF(_MapMerge):
     ``aff_pytorch/aff_net/fusion.py`` (iAFF). Difference: the PyTorch iAFF there computes its second
     global branch with the first one's weights (``self.global_att(xi)``, leaving ``global_att2`` unused);
     fuselab uses a second, separate MS-CAM as the paper (and the MXNet code) does. Convolutions before a
-    batch norm carry no bias. Rule for M modalities: as ``aff``, in both iterations.
+    batch norm carry no bias. ``norm`` as in ``aff``. Rule for M modalities: as ``aff``, in both iterations.
     """
 
     multimodal_rule = "as aff (softmax over M weights, last logit fixed at 0), in both iterations"
@@ -316,16 +336,19 @@ class IAFF(_MapMerge):
         out_dim: int | None = None,
         *,
         reduction: int = 4,
-        norm: type[nn.Module] = nn.BatchNorm2d,
+        norm: str | type[nn.Module] = "batch",
     ) -> None:
         super().__init__(dims, out_dim)
         hidden = check_reduction(self.width, reduction, "iaff")
+        norm = resolve_norm(norm, "iaff")
+        self.batch_norm = is_batch_norm(norm)
         n_logits = (len(self.dims) - 1) * self.width
         self.attention1 = MultiScaleChannelAttention(self.width, n_logits, hidden=hidden, norm=norm)
         self.attention2 = MultiScaleChannelAttention(self.width, n_logits, hidden=hidden, norm=norm)
 
     def merge(self, xs: dict[str, Tensor]) -> Tensor:
         stacked = self.common(xs)  # (M, B, C, H, W)
+        check_batch_statistics(self, stacked[0], "iaff", batch_norm=self.batch_norm, pooled=True)
         initial = (softmax_with_reference(self.attention1(stacked.sum(0)), len(xs)) * stacked).sum(0)
         return (softmax_with_reference(self.attention2(initial), len(xs)) * stacked).sum(0)
 
@@ -338,7 +361,8 @@ class SelectiveKernel(_MapMerge):
     Paper: Li et al., "Selective Kernel Networks", CVPR 2019 (fuse and select steps; the branches there are
     convolutions with different kernels, here the modalities). Reference: timm ``layers/selective_kernel.py``
     (SelectiveKernelAttn). The bottleneck width is the paper's ``max(C / reduction, min_width)`` with r = 16,
-    L = 32, where timm rounds ``C / 16`` to a multiple of 8. Natively M-way.
+    L = 32, where timm rounds ``C / 16`` to a multiple of 8. ``norm`` as in ``aff`` (the bottleneck's batch
+    norm sees the pooled map, so ``"batch"`` needs a batch of 2 or more in training). Natively M-way.
     """
 
     multimodal_rule = "native: one branch per modality, softmax over the M branches per channel"
@@ -353,11 +377,13 @@ class SelectiveKernel(_MapMerge):
         *,
         reduction: int = 16,
         min_width: int = 32,
-        norm: type[nn.Module] = nn.BatchNorm2d,
+        norm: str | type[nn.Module] = "batch",
     ) -> None:
         super().__init__(dims, out_dim)
         if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1:
             raise ValueError(f"sk: reduction must be a positive integer, got {reduction!r}")
+        norm = resolve_norm(norm, "sk")
+        self.batch_norm = is_batch_norm(norm)
         hidden = max(self.width // reduction, min_width)
         self.reduce = nn.Sequential(
             nn.Conv2d(self.width, hidden, 1, bias=False), norm(hidden), nn.ReLU(inplace=True)
@@ -366,6 +392,7 @@ class SelectiveKernel(_MapMerge):
 
     def merge(self, xs: dict[str, Tensor]) -> Tensor:
         stacked = self.common(xs)  # (M, B, C, H, W)
+        check_batch_statistics(self, stacked[0], "sk", batch_norm=self.batch_norm, pooled=True)
         logits = self.select(self.reduce(F.adaptive_avg_pool2d(stacked.sum(0), 1)))  # (B, M C, 1, 1)
         weights = rearrange(logits, "b (m c) 1 1 -> m b c 1 1", m=len(xs)).softmax(0)
         return (weights * stacked).sum(0)
@@ -403,6 +430,7 @@ class FeatureFusionModule(_MapMerge):
     each modality queries the mean of the other modalities' contexts, and the channel embedding takes the
     concatenation of all M maps. Difference: the convolution before the embedding's inner batch norm has no
     bias (the norm cancels it). ``num_heads`` defaults to 1 (CMX's first stage; later stages use 2, 5, 8).
+    ``norm`` (of the channel embedding) as in ``aff``.
     """
 
     multimodal_rule = (
@@ -423,11 +451,13 @@ class FeatureFusionModule(_MapMerge):
         num_heads: int = 1,
         reduction: int = 1,
         qkv_bias: bool = False,
-        norm: type[nn.Module] = nn.BatchNorm2d,
+        norm: str | type[nn.Module] = "batch",
     ) -> None:
         super().__init__(dims, out_dim)
         width = self.width
         inner = check_reduction(width, reduction, "ffm")
+        norm = resolve_norm(norm, "ffm")
+        self.batch_norm = is_batch_norm(norm)
         if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
             raise ValueError(f"ffm: num_heads must be a positive integer, got {num_heads!r}")
         if inner % num_heads:
@@ -445,8 +475,10 @@ class FeatureFusionModule(_MapMerge):
         self.apply(_cmx_init)
 
     def merge(self, xs: dict[str, Tensor]) -> Tensor:
-        h, w = next(iter(xs.values())).shape[-2:]
-        tokens = {m: rearrange(x, "b c h w -> b (h w) c") for m, x in zip(xs, self.common(xs))}
+        common = self.common(xs)  # (M, B, C, H, W)
+        check_batch_statistics(self, common[0], "ffm", batch_norm=self.batch_norm)
+        h, w = common.shape[-2:]
+        tokens = {m: rearrange(x, "b c h w -> b (h w) c") for m, x in zip(self.modalities, common)}
         direct, query, contexts = {}, {}, []
         for m, t in tokens.items():
             direct[m], u = F.relu(self.channel_proj[m](t)).chunk(2, dim=-1)  # (B, N, inner) each
@@ -507,4 +539,7 @@ class Mixing(_MapMerge):
         )
 
     def merge(self, xs: dict[str, Tensor]) -> Tensor:
-        return self.mix(rearrange(self.common(xs), "m b c h w -> b (c m) h w"))
+        common = self.common(xs)  # (M, B, C, H, W)
+        if common.shape[-2:] == (1, 1):  # instance norm over a single position is undefined
+            raise ValueError("mixing: instance norm needs maps larger than 1x1; fuse at an earlier stage")
+        return self.mix(rearrange(common, "m b c h w -> b (c m) h w"))
