@@ -113,12 +113,66 @@ def test_one_sgd_step_changes_the_output(name: str) -> None:
 
 @pytest.mark.parametrize("name", MAP_IDS)
 def test_input_dict_order_changes_nothing(name: str) -> None:
+    """forward sorts its inputs, so its result cannot depend on dict order; the operator's own merge /
+    exchange, called directly with the inputs in another order, must not depend on it either."""
     op = build(name, UNEQUAL)
     xs = maps(UNEQUAL)
-    forward = outputs(op(xs))
-    backward = outputs(op(dict(reversed(list(xs.items())))))
-    for f, b in zip(forward, backward):
-        assert torch.equal(f, b)
+    shuffled = {m: xs[m] for m in ["thermal", "depth", "rgb"]}
+    assert list(shuffled) != sorted(shuffled) and list(xs) != sorted(xs)
+    expected = outputs(op(xs))
+    assert all(torch.equal(e, s) for e, s in zip(expected, outputs(op(shuffled))))
+    if name == "concat":  # concatenates in the order it is given, by definition; forward gives sorted order
+        assert torch.equal(expected[0], torch.cat([xs[m] for m in sorted(xs)], dim=1))
+        return
+    direct = op.merge(shuffled) if is_merge(name) else op.exchange(shuffled)
+    for e, d in zip(expected, outputs(direct)):
+        torch.testing.assert_close(d, e)  # a sum over modalities may round differently in another order
+
+
+def test_diff_follows_its_order_option_whatever_the_dict_order() -> None:
+    op = create_fusion("diff", dims=EQUAL, order=["rgb", "depth"])
+    xs = maps(EQUAL)
+    for given in (xs, dict(reversed(list(xs.items())))):
+        assert torch.equal(op(given), xs["depth"] - xs["rgb"])
+        assert torch.equal(op.merge(given), xs["depth"] - xs["rgb"])
+
+
+# Operators that normalise a globally pooled map with a batch norm, as their references do.
+POOLED_BATCH_NORM = ("aff", "iaff", "sk")
+
+
+@pytest.mark.parametrize("name", MAP_IDS)
+def test_a_training_step_at_batch_size_1_runs_or_names_the_option_that_fixes_it(name: str) -> None:
+    op = build(name, EQUAL).train()
+    xs = maps(EQUAL)
+    xs = {m: x[:1] for m, x in xs.items()}  # (1, C, H, W)
+    if name in POOLED_BATCH_NORM:
+        with pytest.raises(ValueError, match=rf"^{name}: batch norm in training mode .* use norm='group'") as err:
+            op(xs)
+        assert "\n" not in str(err.value)
+        op = build(name, EQUAL, norm="group").train()
+    before = [y.detach().clone() for y in outputs(op(xs))]
+    assert all(y.shape[0] == 1 and torch.isfinite(y).all() for y in before)
+    if not list(op.parameters()):
+        return
+    optimiser = torch.optim.SGD(op.parameters(), lr=0.1)
+    probe_loss(op(xs)).backward()
+    optimiser.step()
+    assert any(not torch.allclose(b, a, atol=1e-6) for b, a in zip(before, outputs(op(xs))))
+
+
+@pytest.mark.parametrize("name", ["tfi", "ffm"])
+def test_a_single_1x1_map_in_training_names_the_norm_option(name: str) -> None:
+    xs = {m: torch.randn(1, C, 1, 1) for m in EQUAL}
+    with pytest.raises(ValueError, match=rf"^{name}: .*a single 1x1 map gives one; use norm='group'"):
+        build(name, EQUAL).train()(xs)
+    assert build(name, EQUAL, norm="group").train()(xs).shape == (1, C, 1, 1)
+    assert build(name, EQUAL).eval()(xs).shape == (1, C, 1, 1)  # eval mode uses running statistics
+
+
+def test_mixing_rejects_1x1_maps_in_one_line() -> None:
+    with pytest.raises(ValueError, match="^mixing: instance norm needs maps larger than 1x1"):
+        build("mixing", EQUAL)({m: torch.randn(2, C, 1, 1) for m in EQUAL})
 
 
 @pytest.mark.parametrize("name", MAP_IDS)
@@ -144,6 +198,9 @@ def test_mismatched_spatial_sizes_are_rejected(name: str) -> None:
         ("channel-exchange-p", {"p": 0.3}, "p must be 1/k"),
         ("spatial-exchange", {"p": 0.0}, "p must be a fraction"),
         ("diff", {"order": ["rgb", "rgb"]}, "order .* must list each modality exactly once"),
+        ("diff", {"projection": "own"}, "projection must be 'shared' or 'independent'"),
+        ("aff", {"norm": "layer"}, "norm must be one of 'batch', 'group' or an nn.Module class"),
+        ("sk", {"norm": "instance"}, "norm must be one of 'batch', 'group'"),
     ],
 )
 def test_bad_options_are_rejected_when_built(name: str, options: dict, message: str) -> None:
@@ -302,9 +359,13 @@ def test_convex_merges_of_identical_inputs_return_the_input(name: str) -> None:
 
 def test_iaff_has_a_second_separate_attention() -> None:
     op = create_fusion("iaff", dims=EQUAL)
+    xs = maps(EQUAL)
+    probe_loss(op(xs)).backward()  # the second iteration uses both branches of its own MS-CAM
+    for branch in (op.attention2.local_att, op.attention2.global_att):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in branch.parameters())
     first = {id(p) for p in op.attention1.parameters()}
     assert first.isdisjoint(id(p) for p in op.attention2.parameters())
-    xs = maps(EQUAL)
+    op.zero_grad()
     before = op(xs)
     with torch.no_grad():
         op.attention2.global_att[-1].bias.fill_(1e4)  # only the second global branch: weights -> first input
