@@ -34,6 +34,12 @@ NEUTRAL_DEFAULTS: dict[str, tuple[Any, ...]] = {
     "train.modality_dropout": (0, 0.0, None, {}),
     "train.num_nodes": (1,),
     "train.strategy": ("auto",),
+    "train.optimizer": ("adamw",),
+    "train.momentum": (0.9,),
+    "train.nesterov": (False,),
+    "train.no_decay_norm_bias": (False,),
+    "train.freeze_bn": (False,),
+    "train.freeze_bn_epoch": (0,),
 }
 
 

@@ -200,6 +200,24 @@ def sparsity_l1(norms: Mapping[str, nn.BatchNorm2d], parts: Mapping[str, tuple[i
     return torch.stack([norms[m].weight[lo:hi].abs().sum() for m, (lo, hi) in parts.items()]).sum()
 
 
+@torch.no_grad()
+def soft_threshold_(norms: Mapping[str, nn.BatchNorm2d], parts: Mapping[str, tuple[int, int]], amount: float) -> None:
+    """The proximal operator of ``amount * L1`` on each modality's own part of its BN scales, in place:
+    ``gamma <- sign(gamma) max(|gamma| - amount, 0)``. A scale within ``amount`` of zero becomes exactly 0;
+    the others move towards zero by exactly ``amount``, whatever the optimiser did before."""
+    if amount <= 0:
+        return
+    for m, (lo, hi) in parts.items():
+        gamma = norms[m].weight[lo:hi]
+        gamma.copy_(gamma.sign() * (gamma.abs() - amount).clamp_min(0))
+
+
+def check_proximal_l1(value: float, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"{where}: proximal_l1 must be a number >= 0 (0 = off), got {value!r}")
+    return float(value)
+
+
 @FUSIONS.register("channel-exchange")
 class ChannelExchange(Exchange):
     """CEN's channel exchanging: each modality's private batch norm, then every channel whose BN scale is
@@ -219,7 +237,15 @@ class ChannelExchange(Exchange):
     Parts: with M modalities in sorted order, modality i owns channels ``[i C / M, (i + 1) C / M)`` of its
     own width C (for two, the first and the second half, as the official code slices its BN scales). The
     threshold applies to every channel, as in the official code; the L1 term drives only the owned part
-    towards zero, so in practice those are the channels that get exchanged.
+    towards zero, so in practice those are the channels that get exchanged. The test is strict, as in the
+    official code: a scale exactly at the threshold is kept, and it is the magnitude |gamma| that counts (L1
+    training drives scales across zero, and a large negative scale is not exchanged).
+
+    ``proximal_l1`` = lambda > 0 applies the L1 term as a proximal step instead of a loss term: after every
+    optimiser step the training loop calls ``proximal_step(lr)``, which soft-thresholds the owned scales,
+    ``gamma <- sign(gamma) max(|gamma| - lr lambda, 0)``. Scales reach exact zeros and drift towards zero at a
+    rate proportional to lambda under any optimiser (under Adam an L1 loss term moves a scale by about lr
+    per step whatever its weight).
 
     Paper: Wang et al., "Deep Multimodal Fusion by Channel Exchanging", NeurIPS 2020. Reference: yikaiw/CEN
     ``semantic_segmentation/models/modules.py`` (Exchange, BatchNorm2dParallel) and ``main.py`` (the L1
@@ -238,10 +264,11 @@ class ChannelExchange(Exchange):
     formula = ("y_m = BN_m(x_m); y'_m[:, c] = mean_{n != m} y_n[:, c] if |gamma_m[c]| < threshold else y_m[:, c]; "
                "L_sparsity = sum_m sum_{c in part_m} |gamma_m[c]|")
 
-    def __init__(self, dims: Mapping[str, int], *, threshold: float = 2e-2) -> None:
+    def __init__(self, dims: Mapping[str, int], *, threshold: float = 2e-2, proximal_l1: float = 0.0) -> None:
         super().__init__(dims)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0:
             raise ValueError(f"channel-exchange: threshold must be a number >= 0, got {threshold!r}")
+        self.proximal_l1 = check_proximal_l1(proximal_l1, "channel-exchange")
         n = len(self.modalities)
         narrow = {m: d for m, d in self.dims.items() if d < n}
         if narrow:
@@ -290,6 +317,16 @@ class ChannelExchange(Exchange):
         """``cen_sparsity``: sum over modalities of |gamma| on that modality's own part of the channels."""
         return {"cen_sparsity": sparsity_l1(self.norms, self.parts)}
 
+    def proximal_step(self, lr: float) -> None:
+        """With ``proximal_l1`` = lambda > 0: the L1 term as a proximal step after the optimiser's step, the
+        owned BN scales soft-thresholded by ``lr * lambda`` (exact zeros; called by the training loop)."""
+        soft_threshold_(self.norms, self.parts, lr * self.proximal_l1)
+
     def epoch_stats(self) -> dict[str, float]:
-        """Per modality, the share of channels that are currently exchanged (logged once per epoch)."""
-        return {f"exchanged/{m}": float(mask.float().mean()) for m, mask in self.exchanged().items()}
+        """Per modality, the share of its channels that are currently exchanged, and the share of its own part
+        (the channels the L1 term targets) that is (logged once per epoch)."""
+        masks = self.exchanged()
+        stats = {f"exchanged/{m}": float(mask.float().mean()) for m, mask in masks.items()}
+        for m, (lo, hi) in self.parts.items():
+            stats[f"exchanged_owned/{m}"] = float(masks[m][lo:hi].float().mean())
+        return stats

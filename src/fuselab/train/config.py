@@ -33,8 +33,14 @@ class ConfigError(ValueError):
 class TrainConfig:
     epochs: int = 60  # passes over the training split
     batch_size: int = 64  # samples per optimiser step
-    lr: float = 1.0e-3  # peak learning rate of AdamW
-    weight_decay: float = 1.0e-2  # AdamW's decoupled weight decay
+    lr: float = 1.0e-3  # peak learning rate of the optimiser
+    weight_decay: float = 1.0e-2  # decoupled for adamw, added to the gradient (L2) for adam and sgd
+    optimizer: str = "adamw"  # adamw | adam | sgd (CEN's official recipe: sgd, momentum 0.9, weight_decay 1e-5)
+    momentum: float = 0.9  # sgd only: momentum factor (0 = plain SGD)
+    nesterov: bool = False  # sgd only: Nesterov momentum (needs momentum > 0)
+    no_decay_norm_bias: bool = False  # no weight decay on norm scales / shifts, biases and ensemble weights
+    freeze_bn: bool = False  # batch norms normalise with their running statistics, which stop updating; scales and shifts still learn (CEN's official code)
+    freeze_bn_epoch: int = 0  # with freeze_bn: first epoch with frozen batch norms (earlier ones estimate the statistics of a network trained from scratch)
     warmup: float = 0.05  # share of all steps with a linear warm-up, then cosine decay to zero
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     patience: int = 0  # early stopping after this many epochs without validation gain; 0 = never
@@ -251,3 +257,19 @@ def section(cfg: DictConfig, name: str) -> dict[str, Any]:
     """A config section as a plain dict."""
     return OmegaConf.to_container(cfg[name], resolve=True)  # type: ignore[return-value]
 
+    _check_optimizer(cfg.train)
+
+
+def _check_optimizer(train: Any) -> None:
+    if train.optimizer not in ("adamw", "adam", "sgd"):
+        raise ConfigError(f"config key 'train.optimizer' must be adamw, adam or sgd, got {train.optimizer!r}")
+    if train.weight_decay < 0:
+        raise ConfigError(f"config key 'train.weight_decay' must be >= 0, got {train.weight_decay}")
+    if not 0 <= train.momentum < 1:
+        raise ConfigError(f"config key 'train.momentum' must be in [0, 1), got {train.momentum}")
+    if train.optimizer != "sgd" and train.momentum != 0.9:
+        raise ConfigError(f"config key 'train.momentum' is used by train.optimizer=sgd only (got {train.optimizer})")
+    if train.nesterov and (train.optimizer != "sgd" or train.momentum == 0):
+        raise ConfigError("config key 'train.nesterov' needs train.optimizer=sgd and train.momentum > 0")
+    if train.freeze_bn_epoch < 0:
+        raise ConfigError(f"config key 'train.freeze_bn_epoch' must be >= 0, got {train.freeze_bn_epoch}")

@@ -25,6 +25,7 @@ from fuselab.losses import WeightedLoss
 from fuselab.metrics import classification_metrics, predictions, task_metrics
 from fuselab.models.multistream import MultiStream
 from fuselab.train.config import ConfigError, TrainConfig
+from fuselab.train.optim import freeze_batch_norms, make_optimizer, proximal_modules, proximal_steps
 
 
 class NonFiniteLossError(RuntimeError):
@@ -97,7 +98,8 @@ def fit(
     if getattr(model, "needs_training", True) is False:
         return _evaluate_only(model.to(fabric.device), data, cfg, metric_fn, evaluate_test)
     fused = fabric.device.type in ("cpu", "cuda")  # one fused kernel instead of a loop over tensors
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    optimizer = make_optimizer(model, cfg, fused=fused)
+    proximal = proximal_modules(model)  # e.g. CEN's L1 on BN scales as a soft threshold after each step
     steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, cfg.warmup))
@@ -131,6 +133,8 @@ def fit(
     last_save = time.monotonic()
     for epoch in range(first_epoch, cfg.epochs):
         model.train()
+        if cfg.freeze_bn and epoch >= cfg.freeze_bn_epoch:  # CEN's official recipe
+            freeze_batch_norms(model)
         step_values: list[tuple[Tensor, ...]] = []
         drop_gen = torch.Generator().manual_seed(seed * 100_003 + epoch) if any(dropout.values()) else None
         for x, y in data.train.batches(cfg.batch_size, generator=generator, shuffle=True):
@@ -148,6 +152,8 @@ def fit(
             if cfg.grad_clip > 0:
                 fabric.clip_gradients(model, optimizer, max_norm=cfg.grad_clip, error_if_nonfinite=False)
             optimizer.step()
+            if proximal:
+                proximal_steps(proximal, optimizer.param_groups[0]["lr"])
             scheduler.step()
             step_values.append((total.detach(), *(v.detach() for v in values.values())))
         # one stack and one sync per epoch, none per step
