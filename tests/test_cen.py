@@ -54,6 +54,27 @@ def test_a_channel_with_zero_scale_receives_the_mean_of_the_others(names):
         torch.testing.assert_close(out["a"][:, 5], normed["b"][:, 5], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("names", [("a", "b"), ("a", "b", "c")])
+def test_the_threshold_is_strict_and_compares_the_magnitude_of_the_scale(names):
+    # 0.25 is exact in float32, so "at the threshold" is exact: kept (|gamma| < threshold, as the official code)
+    op = create_fusion("channel-exchange", dims={m: C for m in names}, threshold=0.25)
+    with torch.no_grad():
+        for m in names:
+            op.norms[m].weight.fill_(1.0)
+        op.norms["a"].weight[[0, 1, 2, 3, 4]] = torch.tensor([0.25, -0.25, -1.0, -0.1, 0.1])
+    assert op.exchanged()["a"].tolist() == [False, False, False, True, True, False, False, False]
+    assert not op.exchanged()["b"].any()
+    assert op.epoch_stats()["exchanged/a"] == pytest.approx(2 / C)
+    xs = _maps({m: C for m in names})
+    out = op(xs)
+    normed = {m: _bn(xs[m], op.norms[m]) for m in names}
+    others = torch.stack([normed[m] for m in names if m != "a"]).mean(0)
+    for k in range(C):  # at the threshold (+-0.25) and a large negative scale: own; small +-0.1: received
+        expected = others[:, k] if k in (3, 4) else normed["a"][:, k]
+        torch.testing.assert_close(out["a"][:, k], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["b"], normed["b"], rtol=1e-5, atol=1e-5)
+
+
 def test_exchanged_channels_pass_their_gradient_to_the_sender():
     op = create_fusion("channel-exchange", dims={"a": C, "b": C})
     with torch.no_grad():
@@ -99,7 +120,7 @@ def test_sparsity_term_covers_one_disjoint_part_per_modality(names):
 def test_channel_exchange_metadata_and_bad_options():
     info = fusion_info("channel-exchange")
     assert (info.contract, info.kind, info.forms) == ("exchange", "standalone", ("map",))
-    assert info.options == {"threshold": 2e-2}
+    assert info.options == {"threshold": 2e-2, "proximal_l1": 0.0}
     with pytest.raises(ValueError, match="threshold must be a number >= 0"):
         create_fusion("channel-exchange", dims={"a": 4, "b": 4}, threshold=-1)
     with pytest.raises(ValueError, match="every width must be >= 3"):
@@ -210,7 +231,18 @@ def test_switching_the_exchange_off_keeps_the_network_and_its_sparsity_term():
     xs = {"t1": torch.randn(2, 3, 8, 8), "t2": torch.randn(2, 3, 8, 8)}
     on = cen(dims={"t1": 3, "t2": 3}, num_classes=2, widths=[4, 8])
     off = cen(dims={"t1": 3, "t2": 3}, num_classes=2, widths=[4, 8], exchanging=False)
-    assert off.load_state_dict(on.state_dict()) is not None  # the same parameters, name for name
+    # the same parameters and buffers, name for name and shape for shape
+    assert {k: v.shape for k, v in off.state_dict().items()} == {k: v.shape for k, v in on.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # distinct batch norms per date, every |scale| above the threshold
+        for m in on.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=g), m.bias.uniform_(-1, 1, generator=g)
+                m.running_mean.uniform_(-1, 1, generator=g), m.running_var.uniform_(0.5, 2, generator=g)
+    off.load_state_dict(on.state_dict())
+    assert all(torch.equal(v, on.state_dict()[k]) for k, v in off.state_dict().items())
+    on.eval(), off.eval()
+    torch.testing.assert_close(on(xs).logits, off(xs).logits)  # nothing below the threshold: the same network
     with torch.no_grad():
         for m in on.modules():
             if hasattr(m, "threshold"):

@@ -64,9 +64,13 @@ def focal(*, gamma: float = 2.0) -> LossTerm:
 
 
 @LOSSES.register("aux-unimodal")
-def aux_unimodal(*, label_smoothing: float = 0.0) -> LossTerm:
-    """Mean cross-entropy of the per-modality heads (needs a model with per-modality logits); per-pixel logits
-    work too, unlabelled pixels (``IGNORE_INDEX``, PyTorch's default ``ignore_index``) are left out."""
+def aux_unimodal(*, label_smoothing: float = 0.0, reduction: str = "mean") -> LossTerm:
+    """Cross-entropy of the per-modality heads (needs a model with per-modality logits), the mean over the
+    modalities (``reduction="mean"``) or their sum (``"sum"``, as the official CEN loss, which adds the loss of
+    every output); per-pixel logits work too, unlabelled pixels (``IGNORE_INDEX``, PyTorch's default
+    ``ignore_index``) are left out."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"loss term 'aux-unimodal': reduction must be 'mean' or 'sum', got {reduction!r}")
 
     def term(output: ModelOutput, target: Tensor) -> Tensor:
         if not output.modality_logits:
@@ -78,7 +82,7 @@ def aux_unimodal(*, label_smoothing: float = 0.0) -> LossTerm:
                       for lg in logits]
         else:
             losses = [F.cross_entropy(lg, target, label_smoothing=label_smoothing) for lg in logits]
-        return torch.stack(losses).mean()
+        return torch.stack(losses).sum() if reduction == "sum" else torch.stack(losses).mean()
 
     return term
 

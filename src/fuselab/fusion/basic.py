@@ -119,6 +119,7 @@ class Late(Merge):
 
     produces_logits = True
     supports_missing = True
+    no_weight_decay = ("alpha",)  # ensemble weights: no decay with train.no_decay_norm_bias
     forms = ("vector", "tokens")
     multimodal_rule = "one head per modality; logits averaged over all present modalities"
     natural_out_dim = "required: the number of classes"

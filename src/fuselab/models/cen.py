@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fuselab.fusion.exchange import ChannelExchange, owned_parts, sparsity_l1
+from fuselab.fusion.exchange import ChannelExchange, check_proximal_l1, owned_parts, soft_threshold_, sparsity_l1
 from fuselab.models.conv import check_streams
 from fuselab.models.heads import ClassificationHead, DenseHead
 from fuselab.models.multistream import MultiStream
@@ -84,33 +84,39 @@ class SparseParallelNorm(ParallelNorm):
     the same L1 term on the same parts of the BN scales (``cen_sparsity``), no exchange, so an ablation
     changes only the exchange."""
 
-    def __init__(self, modalities: Sequence[str], channels: int) -> None:
+    def __init__(self, modalities: Sequence[str], channels: int, *, proximal_l1: float = 0.0) -> None:
         super().__init__(modalities, channels)
         self.parts = owned_parts({m: channels for m in modalities})
+        self.proximal_l1 = check_proximal_l1(proximal_l1, "cen")
 
     def aux_losses(self) -> dict[str, Tensor]:
         return {"cen_sparsity": sparsity_l1(self.norms, self.parts)}
+
+    def proximal_step(self, lr: float) -> None:
+        """The same proximal L1 step as ``ChannelExchange.proximal_step``."""
+        soft_threshold_(self.norms, self.parts, lr * self.proximal_l1)
 
 
 def _relu(xs: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {m: torch.relu(x) for m, x in xs.items()}
 
 
-def _norm_or_exchange(modalities: Sequence[str], channels: int, exchanging: bool, threshold: float) -> nn.Module:
+def _norm_or_exchange(modalities: Sequence[str], channels: int, exchanging: bool, threshold: float,
+                      proximal_l1: float) -> nn.Module:
     if exchanging:
-        return ChannelExchange({m: channels for m in modalities}, threshold=threshold)
-    return SparseParallelNorm(modalities, channels)
+        return ChannelExchange({m: channels for m in modalities}, threshold=threshold, proximal_l1=proximal_l1)
+    return SparseParallelNorm(modalities, channels, proximal_l1=proximal_l1)
 
 
 class CENStem(nn.Module):
     """Stage 0: a 3x3 conv at full resolution, its BN an exchange (or private BNs), ReLU."""
 
     def __init__(self, modalities: Sequence[str], in_channels: Mapping[str, int], out_channels: int, *, shared: bool,
-                 exchanging: bool, threshold: float) -> None:
+                 exchanging: bool, threshold: float, proximal_l1: float = 0.0) -> None:
         super().__init__()
         self.conv = ParallelConv(
             modalities, lambda m: nn.Conv2d(in_channels[m], out_channels, 3, padding=1, bias=False), shared=shared)
-        self.norm = _norm_or_exchange(modalities, out_channels, exchanging, threshold)
+        self.norm = _norm_or_exchange(modalities, out_channels, exchanging, threshold, proximal_l1)
 
     def forward(self, xs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return _relu(self.norm(self.conv(xs)))
@@ -121,11 +127,11 @@ class CENBlock(nn.Module):
     plus the (projected) input, ReLU."""
 
     def __init__(self, modalities: Sequence[str], in_channels: int, out_channels: int, *, stride: int,
-                 shared: bool, exchanging: bool, threshold: float) -> None:
+                 shared: bool, exchanging: bool, threshold: float, proximal_l1: float = 0.0) -> None:
         super().__init__()
         self.conv1 = ParallelConv(modalities, lambda _: nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1,
                                                                 bias=False), shared=shared)
-        self.norm1 = _norm_or_exchange(modalities, out_channels, exchanging, threshold)
+        self.norm1 = _norm_or_exchange(modalities, out_channels, exchanging, threshold, proximal_l1)
         self.conv2 = ParallelConv(modalities, lambda _: nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
                                   shared=shared)
         self.norm2 = ParallelNorm(modalities, out_channels)
@@ -170,6 +176,7 @@ class CENEnsemble(nn.Module):
 
     produces_logits = True
     supports_missing = True
+    no_weight_decay = ("alpha",)  # ensemble weights: no decay with train.no_decay_norm_bias
 
     def __init__(self, heads: Mapping[str, nn.Module], *, dense: bool, detach: bool) -> None:
         super().__init__()
@@ -221,6 +228,7 @@ def cen(
     shared_weights: bool = True,
     exchanging: bool = True,
     threshold: float = 2e-2,
+    proximal_l1: float = 0.0,
     detach_ensemble: bool = True,
     neck_width: int | None = None,
     dense: bool = False,
@@ -240,6 +248,11 @@ def cen(
         shared_weights: one set of convolutions for all modalities (CEN); False: private convolutions.
         exchanging: exchange channels (False: the same network and loss, private BNs, nothing exchanged).
         threshold: |BN scale| below which a channel is exchanged (the paper's 2e-2).
+        proximal_l1: lambda of the L1 term on the owned BN scales applied as a proximal step after every
+            optimiser step (soft threshold by lr x lambda: exact zeros, drift proportional to lambda under any
+            optimiser), in every exchange and in the private BNs of ``exchanging: false``; 0 = off (then use
+            loss term ``cen-sparsity``). The official loss adds the L1 term once per output, so its balance is
+            ``proximal_l1`` = (M + 1) lambda.
         detach_ensemble: the ensemble mixes detached logits (official code), so only ``alpha`` learns from
             the ensemble's loss; the streams then need loss term ``aux-unimodal``.
         neck_width: width of each modality's FPN neck for dense heads (default: the first stage's width).
@@ -259,7 +272,8 @@ def cen(
         raise ValueError(f"model.threshold must be a number >= 0, got {threshold!r}")
     stages: list[nn.Module] = []
     for s, width in enumerate(widths):
-        options = {"shared": bool(shared_weights), "exchanging": bool(exchanging), "threshold": float(threshold)}
+        options = {"shared": bool(shared_weights), "exchanging": bool(exchanging), "threshold": float(threshold),
+                   "proximal_l1": check_proximal_l1(proximal_l1, "model cen")}
         if s == 0:
             stages.append(CENStem(modalities, dims, width, **options))
             continue
