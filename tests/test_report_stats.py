@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -106,6 +107,47 @@ def test_holm_ignores_nan() -> None:
     np.testing.assert_allclose(out[[0, 2]], [0.04, 0.5])  # m = 2, not 3
     assert np.isnan(holm([float("nan")])).all()
     assert holm([]).shape == (0,)
+
+
+def test_inputs_of_any_shape_are_flattened() -> None:
+    # a (2, 2) table of per-seed values is four values, for every statistic
+    grid = [[1.0, 2.0], [3.0, 4.0]]
+    assert mean_ci(grid) == pytest.approx(mean_ci([1.0, 2.0, 3.0, 4.0]))
+    a, b = [[3.0, 5.0], [4.0, 6.0]], [[1.0, 4.0], [1.0, 3.0]]
+    assert paired_ttest(a, b) == pytest.approx(paired_ttest([3.0, 5.0, 4.0, 6.0], [1.0, 4.0, 1.0, 3.0]), rel=1e-12)
+    ca = np.array([[True, True], [True, False]])
+    cb = np.array([[False, False], [True, True]])
+    assert mcnemar(ca, cb) == pytest.approx(mcnemar(ca.reshape(-1), cb.reshape(-1)), rel=1e-12)
+    np.testing.assert_allclose(holm([[0.01, 0.04], [0.03, 0.5]]), [0.04, 0.09, 0.09, 0.5])
+
+
+def test_mcnemar_and_paired_ttest_take_0_1_and_bool_sequences() -> None:
+    # correctness given as 0 / 1 integers is read as booleans (bitwise logic on the integers would be wrong)
+    assert mcnemar([1, 1, 1, 0, 1], [0, 0, 0, 1, 1]) == pytest.approx(mcnemar(
+        [True, True, True, False, True], [False, False, False, True, True]), rel=1e-12)
+    assert mcnemar([1, 1, 1, 0], [0, 0, 0, 1]) == pytest.approx(2 * (1 + 4) / 16)  # 3 vs 1 discordant
+    # per-seed values given as booleans (1.0 / 0.0) are numbers, not logic
+    assert paired_ttest([True, True, False], [False, False, False]) == pytest.approx(
+        paired_ttest([1.0, 1.0, 0.0], [0.0, 0.0, 0.0]), rel=1e-12)
+
+
+def test_nearly_constant_differences_give_a_p_value_without_a_warning() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scipy's precision-loss RuntimeWarning must not reach the caller
+        p = paired_ttest([1.0 + 1e-15, 1.0, 1.0 + 2e-15], [0.0, 0.0, 0.0])
+    assert 0.0 <= p < 1e-6  # differences of ~1 with ~1e-15 spread: overwhelming evidence
+
+
+def test_error_messages_name_the_problem() -> None:
+    with pytest.raises(ValueError, match="^values is empty$"):
+        mean_ci([])
+    for bad in (0.0, 1.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match=r"^confidence must be in \(0, 1\), got "):
+            mean_ci([1.0, 2.0], confidence=bad)
+    with pytest.raises(ValueError, match="^paired_ttest needs paired samples, got lengths 2 and 3$"):
+        paired_ttest([0.1, 0.2], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="^mcnemar needs paired samples, got lengths 2 and 1$"):
+        mcnemar([True, False], [True])
 
 
 # ------------------------------------------------------------------------------------------------
