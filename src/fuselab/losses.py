@@ -65,9 +65,10 @@ def focal(*, gamma: float = 2.0) -> LossTerm:
 
 @LOSSES.register("aux-unimodal")
 def aux_unimodal(*, label_smoothing: float = 0.0, reduction: str = "mean") -> LossTerm:
-    """Cross-entropy of the per-modality heads (needs a model with per-modality logits), the mean over the
-    modalities (``reduction="mean"``) or their sum (``"sum"``, as the official CEN loss, which adds the loss of
-    every output); per-pixel logits work too, unlabelled pixels (``IGNORE_INDEX``, PyTorch's default
+    """Cross-entropy of the per-modality heads, their mean or (``reduction="sum"``) their sum.
+
+    Needs a model with per-modality logits. ``"sum"`` is the official CEN loss, which adds the loss of every
+    output. Per-pixel logits work too: unlabelled pixels (``IGNORE_INDEX``, PyTorch's default
     ``ignore_index``) are left out."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"loss term 'aux-unimodal': reduction must be 'mean' or 'sum', got {reduction!r}")
