@@ -45,6 +45,13 @@ def test_shape_for_2_3_and_6_modalities(name, form, n):
     assert z.shape == (4, *kept, 7)
     assert f.out_dim == 7
     assert torch.isfinite(z).all()
+    # every modality reaches the output (a loop that skips one, e.g. the last, fails here)
+    x = _inputs(n, form)
+    for m in x:
+        changed = f({k: (v + torch.randn_like(v) if k == m else v) for k, v in x.items()})
+        assert not torch.allclose(changed, z, atol=1e-5), f"{name}: the output ignores modality '{m}'"
+    # each sample's output depends on that sample only
+    assert torch.allclose(f({k: v[:1] for k, v in x.items()}), z[:1], atol=1e-5)
 
 
 @pytest.mark.parametrize("name", [n for n, form in CASES if form == "vector" and n != "late"])
