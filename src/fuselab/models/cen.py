@@ -23,10 +23,15 @@ The network of Wang et al. (NeurIPS 2020) at the scale of fuselab's ``conv-strea
 
 Loss of a CEN run: ``ce`` (or ``dense-ce``) on the ensemble + ``aux-unimodal`` + ``cen-sparsity``. The
 official code's total is ``CE_ens + sum_m CE_m + (M + 1) lambda L1`` (the L1 term is added inside its loop
-over the M + 1 outputs); ``aux-unimodal`` is the *mean* over the modalities, so the official balance is
-``aux-unimodal`` at weight M and ``cen-sparsity`` at weight (M + 1) x 2e-4. Differences from the official
-network besides its size: stage 0 is a stem conv whose BN also exchanges (the official stem BN does not), and
-the official code trains with SGD where fuselab uses AdamW, so L1 weights are not comparable one to one.
+over the M + 1 outputs): ``aux-unimodal`` with ``reduction: sum`` and ``cen-sparsity`` at weight
+(M + 1) lambda, or the L1 term as a proximal step (``proximal_l1`` = (M + 1) lambda, no ``cen-sparsity`` in
+the loss, or at weight 0 to log it). The official optimiser is ``train.optimizer=sgd`` (momentum 0.9,
+``train.weight_decay=1e-5``) with ``train.freeze_bn=true`` (batch norms normalise with their running
+statistics, which stop updating, while their scales and shifts learn); the ``cen-official`` spec uses it.
+Under AdamW an L1 loss term moves a scale by about lr per step whatever its weight, so L1 weights are not
+comparable one to one across optimisers; the proximal step's drift is lr x lambda under any of them.
+Differences from the official network besides its size: stage 0 is a stem conv whose BN also exchanges (the
+official stem BN does not), and it is trained from scratch (no ImageNet statistics and scales).
 
 Paper: Wang et al., "Deep Multimodal Fusion by Channel Exchanging", NeurIPS 2020. Reference: yikaiw/CEN
 (``semantic_segmentation/models/refinenet.py``, ``modules.py``, ``main.py``).
