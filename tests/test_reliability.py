@@ -12,6 +12,7 @@ import time
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from fuselab.experiments.store import Store
@@ -41,6 +42,14 @@ def _runs(store: Store):
     return {r["run_id"]: r for r in store.experiment_runs("reliable")}
 
 
+def _saved_state(store: Store, run_id: str):
+    """The partial folder of ``run_id`` that holds a saved training state, or None."""
+    for folder in store.partial_dirs(run_id):
+        if (folder / "resume.pt").is_file():
+            return folder
+    return None
+
+
 def test_kill_9_then_rerun_finishes_every_run_exactly_once_and_resumes(tmp_path):
     cmd = _compare(tmp_path)
     store = Store(tmp_path / "store")
@@ -58,29 +67,39 @@ def test_kill_9_then_rerun_finishes_every_run_exactly_once_and_resumes(tmp_path)
                 continue
             running = [r for r in runs.values() if r["status"] == "running"]
             done = [r for r in runs.values() if r["status"] == "done"]
-            if done and running and (store.staging_dir(running[0]["run_id"]) / "resume.pt").is_file():
-                state_epochs = running[0]["run_id"]
-                victim = state_epochs
+            if done and running and _saved_state(store, running[0]["run_id"]) is not None:
+                victim = running[0]["run_id"]
                 break
         assert victim is not None, "the sweep never reached a killable point"
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
     assert _runs(store)[victim]["status"] == "running"  # as the kill left it
+    # the state the killed process left: training resumes after its epoch
+    saved = torch.load(_saved_state(store, victim) / "resume.pt", map_location="cpu", weights_only=True)
+    resume_at = saved["epoch"] + 1
+    assert 1 <= resume_at < 8
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     runs = _runs(store)
     assert all(r["status"] == "done" for r in runs.values())
     assert {rid: r["attempts"] for rid, r in runs.items()} == {rid: (2 if rid == victim else 1) for rid in runs}
     assert sorted(p.name for p in (store.root / "runs").iterdir()) == sorted(runs)  # no partial folders left
-    # the killed run resumed from its saved state and ended exactly as an uninterrupted run would
     folder = store.run_dir(victim)
+    # the saved state was used: the second attempt trained only the epochs after it
+    attempts = json.loads((folder / "attempts.json").read_text())
+    assert [(a["first_epoch"], a["epochs_trained"]) for a in attempts] == [(resume_at, 8 - resume_at)]
+    # and the logs kept the epochs trained before the kill
+    logged = pd.read_csv(folder / "logs" / "metrics.csv")
+    assert sorted(logged["step"].astype(int)) == list(range(8))
+    # the killed run ended exactly as an uninterrupted run would
     threads = json.loads((folder / "environment.json").read_text())["torch_threads"]
     config = runs[victim]["config"]
     fresh = execute(make_config(config, [f"train.threads={threads}"]))
     stored = pd.read_csv(folder / "history.csv")
     assert list(stored["epoch"]) == list(range(8))
     assert stored["val_accuracy"].tolist() == pytest.approx([r["val_accuracy"] for r in fresh.history], abs=0)
+    assert logged.sort_values("step")["val_accuracy"].tolist() == pytest.approx(stored["val_accuracy"].tolist(), abs=1e-12)
     assert json.loads((folder / "metrics.json").read_text())["test_accuracy"] == fresh.metrics["test_accuracy"]
 
 

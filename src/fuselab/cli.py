@@ -105,14 +105,17 @@ def run_cmd(
             progress.update(task, completed=epoch + 1,
                             info=f"loss {row['train_loss']:.3f}  val acc {row['val_accuracy'] * 100:.2f}")
 
-        existed = run_dir.exists()
+        created = run_dir  # the outermost folder this run creates: removed again if it fails
+        while not created.parent.exists() and created.parent != created:
+            created = created.parent
+        existed = created.exists()
         try:
             result = execute(cfg, run_dir, on_epoch=on_epoch)
         except BaseException as exc:
             if not existed:  # a failed run leaves nothing behind
                 import shutil
 
-                shutil.rmtree(run_dir, ignore_errors=True)
+                shutil.rmtree(created, ignore_errors=True)
             if isinstance(exc, (MemoryError, RuntimeError)) and _out_of_memory(exc):
                 from fuselab.train.config import ConfigError
 

@@ -105,6 +105,7 @@ def train_claimed(store_root: str, run_id: str, claim: str, method: str, seed: i
         load_plugins(plugins)  # a worker process starts with the built-ins only
         cfg = make_config(config, [f"train.threads={threads}"])
         staging = store.start_attempt(run_id, claim)
+        _drop_unsafe_states(staging)
         earlier_logs = _read_log_rows(staging)
         epochs: list[int] = []
 
@@ -142,8 +143,40 @@ def train_claimed(store_root: str, run_id: str, claim: str, method: str, seed: i
         beat.stop()
 
 
-def _read_log_rows(folder: Path) -> list[dict[str, str]]:
-    """The CSV log rows a previous attempt wrote (the logger starts a new file when it is created)."""
+def _drop_unsafe_states(folder: Path) -> list[str]:
+    """Remove saved training states that do not load as plain tensors and types (a damaged file, or a
+    pickle planted in a shared store): the run then trains from the start instead of failing, and no
+    code in them ever runs. Returns the names of the removed files."""
+    import pickle
+
+    import torch
+
+    dropped = []
+    for state in sorted([*folder.glob("resume*.pt"), *folder.glob("finished-fold*.pt")]):
+        try:
+            torch.load(state, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError):
+            state.unlink(missing_ok=True)
+            dropped.append(state.name)
+    if dropped:
+        (folder / "dropped-states.txt").write_text(
+            "saved states that were not plain tensors and types, removed unread:\n" + "\n".join(dropped) + "\n")
+    return dropped
+
+
+def _read_log_rows(folder: Path) -> list[dict[str, Any]]:
+    """The CSV log rows of the epochs an earlier attempt trained: from its saved state's history (the
+    logger buffers rows in memory, so a killed process may not have written them), else from its log file
+    (the logger starts a new file when it is created)."""
+    import torch
+
+    state = folder / "resume.pt"
+    if state.is_file():
+        try:
+            history = torch.load(state, map_location="cpu", weights_only=True)["history"]
+            return [{**{k: v for k, v in row.items() if k != "epoch"}, "step": row["epoch"]} for row in history]
+        except Exception:  # noqa: BLE001 - fall back to the log file
+            pass
     file = folder / "logs" / "metrics.csv"
     if not file.is_file():
         return []
@@ -151,7 +184,7 @@ def _read_log_rows(folder: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _keep_earlier_logs(folder: Path, earlier: list[dict[str, str]]) -> None:
+def _keep_earlier_logs(folder: Path, earlier: list[dict[str, Any]]) -> None:
     """Put back the log rows of the epochs trained before a resume, ahead of this attempt's rows."""
     file = folder / "logs" / "metrics.csv"
     if not earlier or not file.is_file():
@@ -160,7 +193,7 @@ def _keep_earlier_logs(folder: Path, earlier: list[dict[str, str]]) -> None:
         reader = csv.DictReader(f)
         fields, rows = list(reader.fieldnames or []), list(reader)
     first = min((int(float(r["step"])) for r in rows if r.get("step")), default=None)
-    kept = [r for r in earlier if r.get("step") and (first is None or int(float(r["step"])) < first)]
+    kept = [r for r in earlier if r.get("step") not in (None, "") and (first is None or int(float(r["step"])) < first)]
     for key in (k for r in kept for k in r):
         if key not in fields:
             fields.append(key)
