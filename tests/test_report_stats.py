@@ -126,6 +126,9 @@ def test_mcnemar_and_paired_ttest_take_0_1_and_bool_sequences() -> None:
     assert mcnemar([1, 1, 1, 0, 1], [0, 0, 0, 1, 1]) == pytest.approx(mcnemar(
         [True, True, True, False, True], [False, False, False, True, True]), rel=1e-12)
     assert mcnemar([1, 1, 1, 0], [0, 0, 0, 1]) == pytest.approx(2 * (1 + 4) / 16)  # 3 vs 1 discordant
+    # and as 0.0 / 1.0 floats (a pandas column of correctness), for either argument
+    fa, fb = np.array([1.0, 1.0, 1.0, 0.0]), np.array([0.0, 0.0, 0.0, 1.0])
+    assert mcnemar(fa, [False, False, False, True]) == mcnemar([True, True, True, False], fb) == pytest.approx(10 / 16)
     # per-seed values given as booleans (1.0 / 0.0) are numbers, not logic
     assert paired_ttest([True, True, False], [False, False, False]) == pytest.approx(
         paired_ttest([1.0, 1.0, 0.0], [0.0, 0.0, 0.0]), rel=1e-12)
