@@ -281,3 +281,74 @@ def test_cross_attention_pool_pools_tokens_of_unequal_counts_to_a_vector():
 def test_heads_must_divide_the_width(build):
     with pytest.raises(ValueError, match=r"heads=4 must divide the width of '\w+' \(6\)"):
         build()
+
+
+def test_token_exchange_keeps_a_token_whose_score_equals_the_threshold():
+    x = {m: torch.randn(2, 4, 6) for m in "abc"}
+    for threshold, kept in ((0.5, True), (0.5 + 1e-6, False)):
+        op = fuselab.create_fusion("token-exchange", dims={m: 6 for m in x}, threshold=threshold)
+        for m in x:  # a scorer with a zero last layer scores exactly softmax([0, 0])[0] = 0.5
+            torch.nn.init.zeros_(op.score[m].net[-1].weight)
+            torch.nn.init.zeros_(op.score[m].net[-1].bias)
+        out = op(x)
+        for m in x:
+            others = sum(x[k] for k in x if k != m) / 2
+            assert torch.equal(op._scores[m], torch.full((2, 4), 0.5))
+            assert torch.allclose(out[m], x[m] if kept else others, atol=1e-6), (threshold, m)
+
+
+def test_token_exchange_scores_pass_the_task_gradient_straight_through():
+    torch.manual_seed(0)
+    op = fuselab.create_fusion("token-exchange", dims={"a": 4, "b": 4}, threshold=0.3)
+    x = {m: torch.randn(2, 3, 4) for m in "ab"}
+    out = op(x)
+    s = op._scores["a"]
+    (grad,) = torch.autograd.grad(out["a"].sum(), s)
+    assert torch.allclose(grad, x["a"].sum(-1))  # d out / d s = x (per token, summed over the width)
+    assert op.score["a"].net[1].out_features == 2 and op.score["a"].net[-1].out_features == 2  # LN, 4 -> 2 -> 2
+
+
+@pytest.mark.parametrize("threshold,ok", [(0.0, True), (0.99, True), (1.0, False), (-0.01, False)])
+def test_token_exchange_threshold_range(threshold, ok):
+    if ok:
+        assert fuselab.create_fusion("token-exchange", dims={"a": 4, "b": 4}, threshold=threshold).threshold == threshold
+    else:
+        with pytest.raises(ValueError, match=rf"^token-exchange: threshold must be in \[0, 1\), got {threshold}$"):
+            fuselab.create_fusion("token-exchange", dims={"a": 4, "b": 4}, threshold=threshold)
+
+
+def test_cross_attention_projects_other_widths_then_layer_norms_the_context():
+    torch.manual_seed(0)
+    op = fuselab.create_fusion("cross-attention", dims={"a": 8, "b": 4}, heads=2).eval()
+    assert isinstance(op.proj["b_to_a"][0], fuselab.fusion.base.ChannelLinear) and op.proj["b_to_a"][0].in_features == 4
+    assert isinstance(op.proj["a_to_b"][0], fuselab.fusion.base.ChannelLinear) and op.proj["a_to_b"][0].out_features == 4
+    x = {"a": torch.randn(2, 3, 8), "b": torch.randn(2, 5, 4)}
+    lin = op.proj["b_to_a"][0]
+    ctx = F.layer_norm(x["b"] @ lin.weight.T + lin.bias, (8,))  # fresh LayerNorm: unit scale, zero shift
+    q = F.layer_norm(x["a"], (8,))
+    assert torch.allclose(op(x)["a"], x["a"] + op.attn["a"](q, ctx, ctx), atol=1e-5)
+    assert op.attn["a"].heads == 2 and op.attn["b"].dim == 4
+
+
+def test_cross_attention_pool_width_queries_and_output():
+    torch.manual_seed(0)
+    op = fuselab.create_fusion("cross-attention-pool", dims={"a": 7, "b": 5}, heads=3)
+    assert op.width == 9  # the largest width rounded up to a multiple of the heads
+    assert op.queries.shape == (2, 9) and op.queries.std() < 0.1  # one learned query per modality, N(0, 0.02)
+    assert op.out_dim == 18 and isinstance(op.out, torch.nn.Identity)
+    x = {"a": torch.randn(2, 4, 7), "b": torch.randn(2, 6, 5)}
+    tokens = torch.cat([op.proj["a"](x["a"]), op.proj["b"](x["b"])], 1)
+    q = op.queries.expand(2, -1, -1)
+    assert torch.allclose(op(x), op.attn(q, tokens, tokens).flatten(1), atol=1e-6)
+    v = {"a": torch.randn(2, 7), "b": torch.randn(2, 5)}  # a vector input is one token
+    tokens = torch.cat([op.proj["a"](v["a"][:, None]), op.proj["b"](v["b"][:, None])], 1)
+    assert torch.allclose(op(v), op.attn(q, tokens, tokens).flatten(1), atol=1e-6)
+    with_out = fuselab.create_fusion("cross-attention-pool", dims={"a": 7, "b": 5}, out_dim=3, heads=3)
+    assert with_out.out_dim == 3 and with_out.out.in_features == 18
+    assert torch.allclose(with_out(x), with_out.out(with_out.attn(
+        with_out.queries.expand(2, -1, -1), *[torch.cat([with_out.proj[m](x[m]) for m in "ab"], 1)] * 2).flatten(1)),
+        atol=1e-6)
+    with pytest.raises(ValueError, match="heads must be a positive integer"):
+        fuselab.create_fusion("cross-attention-pool", dims={"a": 7, "b": 5}, heads=0)
+    with pytest.raises(ValueError, match="heads must be a positive integer"):
+        fuselab.create_fusion("cross-attention", dims={"a": 8, "b": 8}, heads=True)
