@@ -10,8 +10,10 @@ path on every node (a shared file system or an installed package).
     fuselab compare SPEC --backend ray --address auto       # the cluster this machine belongs to
     fuselab compare SPEC --backend ray --address ray://head:10001 --gpus-per-run 1
 
-A local instance (no ``--address``) listens on 127.0.0.1 only, so no other machine can submit work to it.
-The driver keeps each run's claim alive while its task runs and publishes a result only while it still
+A local instance (no ``--address``) is started with Ray's token authentication switched on
+(``RAY_AUTH_MODE=token``, even where it was switched off), so that nobody without this user's token can submit
+work to it. It cannot be kept off the network: Ray 2.60 resolves a loopback node address to the machine's
+address and binds its GCS and raylet servers to every interface (see docs/scale.md). The driver keeps each run's claim alive while its task runs and publishes a result only while it still
 holds the claim.
 """
 
@@ -79,8 +81,11 @@ def run_tasks(
     if started:
         if address:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
-        else:  # loopback only: a local instance must not accept work from the network
-            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        else:  # Ray binds to every interface: only a caller with this user's token may submit work
+            import os
+
+            os.environ["RAY_AUTH_MODE"] = "token"
+            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:
         remote = ray.remote(num_cpus=threads, num_gpus=gpus_per_run, max_retries=0)(train_remote)
         pending: dict[Any, tuple[str, str, int, str]] = {}
