@@ -218,3 +218,78 @@ def test_mbt_learns_mfeat_from_the_cli_config():
         clean, mixed = model(x).modality_logits["fou"], model(swapped).modality_logits["fou"]
     change = (clean - mixed).abs().mean() / clean.abs().mean()
     assert change > 0.01, f"fou's logits moved by {change:.4f} of their size: the bottleneck carried nothing"
+
+
+def test_builder_hands_every_option_to_its_parts():
+    model = mbt(dims={"img": (3, 8, 12), "aud": (26, 36), "vec": 10}, num_classes=5, fusion={"name": "concat"},
+                layers=3, width=8, heads=2, mlp_ratio=2.0, fusion_layer=1, n_bottlenecks=3, tokenizer="auto",
+                patch_size={"img": 4, "aud": 16}, patch_stride={"aud": 10}, dropout=0.25, attn_dropout=0.125,
+                drop_path=0.5, modality_heads=True, features_per_token=4)
+    stems = {m: model.encoders[m][0] for m in ("img", "aud", "vec")}
+    assert type(stems["img"].tokenizer).__name__ == "PatchTokenizer" and stems["img"].tokenizer.patch_size == 4
+    assert stems["img"].num_tokens == 1 + (8 // 4) * (12 // 4)  # class token + patches
+    assert type(stems["aud"].tokenizer).__name__ == "SpectrogramTokenizer"
+    assert stems["aud"].tokenizer.proj.kernel_size == (16, 16) and stems["aud"].tokenizer.proj.stride == (10, 10)
+    assert stems["vec"].tokenizer.num_tokens == 3  # 10 features, 4 per token
+    assert all(s.dropout.p == 0.25 for s in stems.values())
+    blocks = [model.encoders["vec"][1], *model.exchange.layers["vec"]]
+    assert len(model.encoders["vec"]) == 2 and len(blocks) == 3  # stem + fusion_layer blocks, then the rest
+    assert [b.drop_path.p for b in blocks] == [0.0, 0.25, 0.5]  # grows linearly to drop_path
+    assert all(b.mlp.fc1.out_features == 16 and b.attn.dropout == 0.125 and b.dropout.p == 0.25 for b in blocks)
+    assert model.exchange.bottleneck.shape == (1, 3, 8)
+    assert model.head[0].p == 0.25 and (model.head[1].in_features, model.head[1].out_features) == (24, 5)
+    assert {m: (h.in_features, h.out_features) for m, h in model.modality_heads.items()} == {
+        m: (8, 5) for m in ("aud", "img", "vec")}
+    x = {"img": torch.randn(2, 3, 8, 12), "aud": torch.randn(2, 26, 36), "vec": torch.randn(2, 10)}
+    out = model.eval()(x)
+    assert out.logits.shape == (2, 5) and set(out.modality_logits) == {"aud", "img", "vec"}
+
+
+def test_one_modality_is_a_unimodal_baseline_without_exchange_or_merge():
+    model = _model(dims={"a": 12}, fusion={"name": "concat"}, exchange={"name": "joint-attention"}, fusion_layer=1)
+    assert model.exchange is None and type(model.merge).__name__ == "SingleStream"
+    assert len(model.encoders["a"]) == 1 + 4  # every block is the stream's own
+    x = torch.randn(3, 12)
+    out = model({"a": x})
+    seen = model.pool["a"](model.encoders["a"](x))
+    assert torch.allclose(out.logits, model.head(seen), atol=1e-6)
+    late = _model(dims={"a": 12}, fusion={"name": "late"})
+    assert late.head is not None and late.head[1].in_features == 8  # late needs a head of its own here
+
+
+def test_per_modality_options_and_defaults():
+    from fuselab.models.mbt import auto_tokenizer, make_tokenizer, per_modality
+
+    assert per_modality(3, ["a", "b"], 16) == {"a": 3, "b": 3}
+    assert per_modality({"a": 3, "z": 9}, ["a", "b"], 16) == {"a": 3, "b": 16}  # unnamed: default; extra: ignored
+    assert [auto_tokenizer(s) for s in (10, (3, 8, 8), (20, 30))] == ["feature", "patch", "spectrogram"]
+    model = mbt(dims={"a": (3, 16, 16), "b": (3, 32, 32)}, num_classes=2, fusion={"name": "late"}, layers=1,
+                width=8, heads=2, fusion_layer=1, tokenizer={"a": "patch", "b": "patch"}, patch_size={"b": 8})
+    # a is not named in patch_size: the default 16
+    assert model.encoders["a"][0].tokenizer.patch_size == 16 and model.encoders["b"][0].tokenizer.patch_size == 8
+    with pytest.raises(ValueError, match=r"^model.tokenizer=feature needs vector inputs"):  # b defaults to feature
+        mbt(dims={"a": (3, 16, 16), "b": (3, 32, 32)}, num_classes=2, fusion={"name": "late"}, layers=1, fusion_layer=1,
+            width=8, heads=2, tokenizer={"a": "patch"})
+    with pytest.raises(ValueError, match=r"^model.tokenizer=feature needs vector inputs \(an integer width\), got shape"):
+        make_tokenizer("feature", (3, 8, 8), width=8, features_per_token=1, patch_size=4, patch_stride=4)
+    with pytest.raises(ValueError, match=r"^model.tokenizer=patch needs image inputs \(C, H, W\), got shape 10$"):
+        make_tokenizer("patch", 10, width=8, features_per_token=1, patch_size=4, patch_stride=4)
+    with pytest.raises(ValueError, match=r"^model.tokenizer=spectrogram needs \(frames, bins\) inputs, got shape"):
+        make_tokenizer("spectrogram", (3, 8, 8), width=8, features_per_token=1, patch_size=4, patch_stride=4)
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"layers": 0}, r"^model.layers must be a positive integer, got 0$"),
+        ({"layers": True}, r"^model.layers must be a positive integer, got True$"),
+        ({"heads": 0}, r"^model.heads=0 must be a positive divisor of model.width=8$"),
+        ({"heads": True}, r"^model.heads=True must be a positive divisor"),
+        ({"fusion_layer": True}, r"^model.fusion_layer must be in 0..4"),
+        ({"dims": {}}, r"^mbt needs at least 1 modality, got none$"),
+        ({"tokenizer": "pixel"}, r"^model.tokenizer must be one of feature, patch, spectrogram, auto, got 'pixel'$"),
+    ],
+)
+def test_more_bad_options_fail_with_one_clear_line(options, message):
+    with pytest.raises(ValueError, match=message):
+        _model(**options)
