@@ -182,6 +182,10 @@ def test_cen_dense_and_classification_outputs(n):
     assert sorted(dense.modality_logits) == sorted(dims) and all(v.shape == (2, 2, 16, 16) for v in dense.modality_logits.values())
     pooled = cen(dims=dims, num_classes=5, widths=[4, 8])(xs)
     assert pooled.logits.shape == (2, 5)
+    for out in (dense, pooled):  # equal initial ensemble weights: the logits are the mean of the heads' logits
+        torch.testing.assert_close(out.logits, torch.stack(list(out.modality_logits.values())).mean(0))
+        heads = list(out.modality_logits.values())
+        assert all(not torch.allclose(heads[0], h) for h in heads[1:])  # each head sees its own modality
 
 
 def test_channel_exchange_in_a_network_of_ones_own():
