@@ -212,9 +212,6 @@ def compare_cmd(
                          address=address, gpus_per_run=gpus_per_run)
     console.print(f"{counts['done']} trained, {counts['cached']} already in the store, {counts['failed']} failed, "
                   f"{time.perf_counter() - start:.0f} s")
-    if counts.get("missing"):
-        console.print(f"[yellow]{counts['missing']} runs are done in the store but their folders are missing[/]; "
-                      f"`fuselab runs retry --store {st.root} --experiment {sp.name} --status missing` trains them again")
     _print_report(st.root, sp.name)
 
 
@@ -273,9 +270,16 @@ def _print_report(store: Path, experiment: str, **options) -> None:
     """Write the report (after a sweep: PNG plots, SVG figure and HTML only, FLOPs from cache: fast)."""
     from fuselab.report.experiment import build_report
 
+    from fuselab.experiments.store import MISSING, Store
+
     options = {"pdf": False, "flops": "cached", **options}
     report = build_report(store, experiment, **options)
     console.print(report.markdown, markup=False, highlight=False)
+    missing = sum(r["status"] == MISSING for r in Store(store).experiment_runs(experiment))
+    if missing:
+        console.print(f"[yellow]{missing} runs are done in the store but their folders are missing[/] (left out); "
+                      f"`fuselab runs retry --store {store} --experiment {experiment} --status missing` "
+                      "and `fuselab compare` train them again")
     if report.failed:
         console.print(f"[red]{report.failed} runs failed[/]; `fuselab compare` again retries them")
     tables = ("markdown", "latex", "csv")
