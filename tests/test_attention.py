@@ -130,3 +130,47 @@ def test_from_torch_copies_a_module_without_biases_and_with_separate_widths():
 def test_attention_flops_with_a_value_width_of_its_own():
     assert attention_flops(2, 3, 5, 7, 4, value_dim=6) == 2 * 2 * 3 * 5 * 7 * 4 + 2 * 2 * 3 * 5 * 7 * 6
     assert attention_flops(1, 1, 1, 1, 1) == 4
+
+
+def test_the_cpu_attention_flop_formulas_are_registered_once_and_count_forward_and_backward():
+    from torch.utils import flop_counter
+
+    from fuselab.layers import attention as module
+
+    aten = torch.ops.aten
+    ops = (aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    saved = {op: flop_counter.flop_registry.pop(op) for op in ops if op in flop_counter.flop_registry}
+    try:
+        module._register_cpu_sdpa_flops()
+        assert all(op in flop_counter.flop_registry for op in ops)
+        first = [flop_counter.flop_registry[op] for op in ops]
+        module._register_cpu_sdpa_flops()  # a second import-time call leaves the registered formulas alone
+        assert [flop_counter.flop_registry[op] for op in ops] == first
+        b, n, s, d, h = 2, 6, 5, 16, 4
+        m = MultiHeadAttention(d, h)
+        q, kv = torch.randn(b, n, d, requires_grad=True), torch.randn(b, s, d)
+        with FlopCounterMode(display=False) as counter:
+            m(q, kv).sum().backward()
+        sdpa = counter.get_flop_counts()["Global"]
+        shape_q, shape_kv = (b, h, n, d // h), (b, h, s, d // h)
+        assert sdpa[ops[0]] == attention_flops(b, h, n, s, d // h)
+        assert sdpa[ops[1]] == flop_counter.sdpa_backward_flop_count(shape_q, shape_q, shape_kv, shape_kv)
+    finally:
+        flop_counter.flop_registry.update(saved)
+
+
+def test_from_torch_copies_dropout_random_biases_and_a_missing_output_bias():
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(8, 2, dropout=0.3, batch_first=True).eval()
+    with torch.no_grad():
+        ref.in_proj_bias.normal_()
+        ref.out_proj.bias.normal_()
+    ours = MultiHeadAttention.from_torch(ref).eval()
+    assert ours.dropout == 0.3 and ours.heads == 2
+    x = torch.randn(2, 3, 8)
+    assert torch.allclose(ours(x), ref(x, x, x, need_weights=False)[0], atol=1e-6)
+    ref.out_proj.bias = None  # input biases only: still copied
+    ours = MultiHeadAttention.from_torch(ref).eval()
+    assert ours.q_proj.bias is not None and torch.count_nonzero(ours.out_proj.bias) == 0
+    assert torch.allclose(ours(x), ref(x, x, x, need_weights=False)[0], atol=1e-6)
+    assert MultiHeadAttention(32).heads == 8  # the default
