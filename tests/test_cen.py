@@ -180,8 +180,13 @@ def test_cen_dense_and_classification_outputs(n):
     dense = cen(dims=dims, num_classes=2, widths=[4, 8, 8], dense=True)(xs)
     assert dense.logits.shape == (2, 2, 16, 16)
     assert sorted(dense.modality_logits) == sorted(dims) and all(v.shape == (2, 2, 16, 16) for v in dense.modality_logits.values())
-    pooled = cen(dims=dims, num_classes=5, widths=[4, 8])(xs)
+    pooled_model = cen(dims=dims, num_classes=5, widths=[4, 8]).eval()
+    pooled = pooled_model(xs)
     assert pooled.logits.shape == (2, 5)
+    # the output is the ensemble of the per-modality logits, weighted by the softmax of alpha, for every modality
+    w = pooled_model.merge.weights()
+    torch.testing.assert_close(pooled.logits, sum(w[i] * pooled.modality_logits[m] for i, m in enumerate(sorted(dims))))
+    assert sorted(pooled.modality_logits) == sorted(dims)
     for out in (dense, pooled):  # equal initial ensemble weights: the logits are the mean of the heads' logits
         torch.testing.assert_close(out.logits, torch.stack(list(out.modality_logits.values())).mean(0))
         heads = list(out.modality_logits.values())
