@@ -31,6 +31,28 @@ def test_tokenizer_shapes():
         PatchTokenizer(in_channels=3, dim=8, image_size=(30, 16), patch_size=8)
 
 
+def test_patch_and_spectrogram_tokens_are_the_patches_in_row_major_order():
+    torch.manual_seed(0)
+    tok = PatchTokenizer(in_channels=2, dim=3, image_size=(4, 6), patch_size=2)
+    x = torch.randn(1, 2, 4, 6)
+    out = tok(x)
+    w, b = tok.proj.weight, tok.proj.bias
+    for i in range(2):
+        for j in range(3):  # token i * 3 + j is the patch at row block i, column block j
+            patch = x[0, :, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2]
+            assert torch.allclose(out[0, i * 3 + j], (w * patch).sum((1, 2, 3)) + b, atol=1e-5)
+    ast = SpectrogramTokenizer(dim=3, frames=5, bins=4, patch_size=2, stride=2)
+    spec = torch.randn(1, 5, 4)  # (T, F)
+    out = ast(spec)
+    assert ast.num_tokens == 2 * 2 and out.shape == (1, 4, 3)
+    w, b = ast.proj.weight, ast.proj.bias
+    for f in range(2):  # frequency blocks are the rows, time blocks the columns (AST)
+        for t in range(2):
+            patch = spec[0, 2 * t : 2 * t + 2, 2 * f : 2 * f + 2].T  # (F, T) patch
+            assert torch.allclose(out[0, f * 2 + t], (w[:, 0] * patch).sum((1, 2)) + b, atol=1e-5)
+    assert torch.equal(ast(spec[:, None]), out)  # (B, 1, T, F) is accepted too
+
+
 def test_feature_tokenizer_is_ft_transformer_and_groups_with_padding():
     tok = FeatureTokenizer(in_features=3, dim=4)
     x = torch.randn(2, 3)
