@@ -2,6 +2,7 @@
 
 from fuselab.api import create_fusion, fusion_info, list_fusions
 from fuselab.experiments.results import load_results
+from fuselab.models.diagnostics import cross_modal_gradients, fusion_diagnostics, modality_dependence
 from fuselab.registry import (
     DATASETS,
     FUSIONS,
@@ -23,9 +24,12 @@ __all__ = [
     "MODELS",
     "Registry",
     "create_fusion",
+    "cross_modal_gradients",
+    "fusion_diagnostics",
     "fusion_info",
     "list_fusions",
     "load_results",
+    "modality_dependence",
     "register_dataset",
     "register_fusion",
     "register_loss",

@@ -80,18 +80,70 @@ class Bottleneck(_TokenWrapping):
         self.n_bottlenecks = n_bottlenecks
         self.bottleneck = nn.Parameter(torch.randn(1, n_bottlenecks, self.width) * 0.02)
 
-    def forward(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        xs = self.check_inputs(inputs)
+    carry_stat = "cross_attention"  # fusion diagnostics: at 0 the bottleneck carried nothing between modalities
+    takes_keep = True  # MultiStream passes modality-dropout masks (``keep``) to ``forward``
+
+    def forward(self, inputs: Mapping[str, Tensor], keep: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Args:
+            inputs: ``{m: (B, N_m, D)}``; a missing modality is left out of the bottleneck mean.
+            keep: optional per-modality ``(B,)`` masks (modality dropout): a sample whose modality is dropped
+                (mask 0) leaves that modality's copy out of its bottleneck mean, as if it were missing.
+        """
+        return self._run(self.check_inputs(inputs), keep)
+
+    def _run(self, xs: dict[str, Tensor], keep: Mapping[str, Tensor] | None,
+             shares: list[list[float]] | None = None) -> dict[str, Tensor]:
         batch = next(iter(xs.values())).shape[0]
         z = repeat(self.bottleneck, "1 z d -> b z d", b=batch)
+        weights = _copy_weights(xs, keep)  # (M, B, 1, 1) or None
         for i in range(self.depth):
             copies = []
             for m, x in xs.items():
                 joined, ps = pack([x, z], "b * d")  # (B, N_m + Z, D)
+                if shares is not None:
+                    shares[i].append(_attention_to_tail(self.layers[m][i], joined, x.shape[1]))
                 xs[m], z_m = unpack(self.layers[m][i](joined), ps, "b * d")
                 copies.append(z_m)
-            z = torch.stack(copies).mean(0)  # (B, Z, D)
+            z = _mean_copies(torch.stack(copies), weights)  # (B, Z, D)
         return xs
+
+    @torch.no_grad()
+    def fusion_stats(self, inputs: Mapping[str, Tensor]) -> dict[str, float]:
+        """On ``inputs``: ``cross_attention``, the share of attention the modality tokens pay to the bottleneck
+        tokens in the blocks where those carry other modalities' information (every wrapped block after the
+        first; 0 when the exchange spans one block), averaged over blocks, modalities, heads, tokens and
+        samples; ``initial_attention``, the same share in the first block (learned tokens only)."""
+        if not all(hasattr(layer, "project") for seq in self.layers.values() for layer in seq):
+            return {}  # layers of one's own without TransformerBlock.project: attention cannot be read
+        shares: list[list[float]] = [[] for _ in range(self.depth)]
+        self._run(self.check_inputs(inputs), None, shares)
+        later = [s for block in shares[1:] for s in block]
+        return {"cross_attention": sum(later) / len(later) if later else 0.0,
+                "initial_attention": sum(shares[0]) / len(shares[0])}
+
+
+def _attention_to_tail(layer: nn.Module, joined: Tensor, n: int) -> float:
+    """Mean share of attention that the first ``n`` tokens of ``joined`` (B, N + Z, D) pay to the last Z in
+    ``layer``'s self-attention (from its own queries and keys, as ``TransformerBlock.project`` gives them)."""
+    q, k, _ = layer.project(joined)  # (B, H, N + Z, E)
+    attn = (q[:, :, :n] @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)  # (B, H, N, N + Z)
+    return float(attn[..., n:].sum(-1).mean())
+
+
+def _copy_weights(xs: Mapping[str, Tensor], keep: Mapping[str, Tensor] | None) -> Tensor | None:
+    """(M, B, 1, 1) weights of the modalities' bottleneck copies (1 kept, 0 dropped); None when all are kept."""
+    if not keep or not any(m in keep for m in xs):
+        return None
+    x0 = next(iter(xs.values()))
+    ones = x0.new_ones(x0.shape[0])
+    return torch.stack([keep[m].to(x0.dtype) if m in keep else ones for m in xs]).view(len(xs), -1, 1, 1)
+
+
+def _mean_copies(copies: Tensor, weights: Tensor | None) -> Tensor:
+    """Mean of (M, B, Z, D) bottleneck copies over the modalities, weighted per sample by (M, B, 1, 1)."""
+    if weights is None:
+        return copies.mean(0)
+    return (copies * weights).sum(0) / weights.sum(0).clamp_min(1.0)
 
 
 @FUSIONS.register("joint-attention")
@@ -142,6 +194,27 @@ class JointAttention(_TokenWrapping):
             v = torch.cat([t[2] for t in qkv.values()], dim=2)
             xs = {m: self.layers[m][i].finish(x, qkv[m][0], k, v) for m, x in xs.items()}
         return xs
+
+    carry_stat = "cross_attention"
+
+    @torch.no_grad()
+    def fusion_stats(self, inputs: Mapping[str, Tensor]) -> dict[str, float]:
+        """On ``inputs``: ``cross_attention``, the share of attention each modality's tokens pay to the other
+        modalities' tokens, averaged over blocks, modalities, heads, tokens and samples."""
+        xs = self.check_inputs(inputs)
+        shares = []
+        for i in range(self.depth):
+            qkv = {m: self.layers[m][i].project(x) for m, x in xs.items()}
+            k = torch.cat([t[1] for t in qkv.values()], dim=2)  # (B, H, sum N_m, E)
+            v = torch.cat([t[2] for t in qkv.values()], dim=2)
+            start = 0
+            for m, (q, k_m, _) in qkv.items():
+                attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)  # (B, H, N_m, sum N)
+                own = attn[..., start : start + k_m.shape[2]].sum(-1)
+                shares.append(float((1 - own).mean()))
+                start += k_m.shape[2]
+            xs = {m: self.layers[m][i].finish(x, qkv[m][0], k, v) for m, x in xs.items()}
+        return {"cross_attention": sum(shares) / len(shares)}
 
 
 __all__ = ["Bottleneck", "JointAttention"]

@@ -41,10 +41,20 @@ class AttentionWeighted(Merge):
         nn.init.zeros_(self.score.weight)  # uniform weights at the start: the mean of the modalities
         self.proj = project_to_common(self.dims, self.out_dim)
 
+    def weights(self, xs: Mapping[str, Tensor]) -> Tensor:
+        """(..., M) softmax weights of the modalities, in sorted order."""
+        return self.score(torch.cat(list(xs.values()), dim=-1)).softmax(-1)
+
     def merge(self, xs: dict[str, Tensor]) -> Tensor:
-        w = self.score(torch.cat(list(xs.values()), dim=-1)).softmax(-1)  # (..., M)
+        w = self.weights(xs)  # (..., M)
         ys = torch.stack([self.proj[m](x) for m, x in xs.items()], dim=-2)  # (..., M, D)
         return (w.unsqueeze(-1) * ys).sum(-2)
+
+    @torch.no_grad()
+    def fusion_stats(self, inputs: Mapping[str, Tensor]) -> dict[str, float]:
+        """Mean weight of each modality on ``inputs`` (``weight/<m>``; they sum to one)."""
+        w = self.weights(self.check_inputs(inputs)).reshape(-1, len(self.modalities)).mean(0)
+        return {f"weight/{m}": float(v) for m, v in zip(self.modalities, w)}
 
 
 @FUSIONS.register("gated")
@@ -70,10 +80,21 @@ class Gated(Merge):
         self.hidden = nn.ModuleDict({m: nn.Linear(d, self.out_dim, bias=False) for m, d in self.dims.items()})
         self.gate = nn.Linear(sum(self.dims.values()), len(self.dims) * self.out_dim)
 
+    def gates(self, xs: Mapping[str, Tensor]) -> Tensor:
+        """(..., M, D) gates: a softmax over the modalities per feature."""
+        g = rearrange(self.gate(torch.cat(list(xs.values()), dim=-1)), "... (m d) -> ... m d", m=len(xs))
+        return g.softmax(-2)
+
     def merge(self, xs: dict[str, Tensor]) -> Tensor:
         h = torch.stack([torch.tanh(self.hidden[m](x)) for m, x in xs.items()], dim=-2)  # (..., M, D)
-        g = rearrange(self.gate(torch.cat(list(xs.values()), dim=-1)), "... (m d) -> ... m d", m=len(xs))
-        return (g.softmax(-2) * h).sum(-2)
+        return (self.gates(xs) * h).sum(-2)
+
+    @torch.no_grad()
+    def fusion_stats(self, inputs: Mapping[str, Tensor]) -> dict[str, float]:
+        """Mean gate of each modality on ``inputs`` over samples and features (``weight/<m>``; sum to one)."""
+        g = self.gates(self.check_inputs(inputs))
+        w = g.transpose(-2, -1).reshape(-1, len(self.modalities)).mean(0)
+        return {f"weight/{m}": float(v) for m, v in zip(self.modalities, w)}
 
 
 @FUSIONS.register("film")

@@ -166,7 +166,10 @@ class MultiStream(nn.Module):
         if keep:
             streams = _mask_streams(streams, keep)
         if self.exchange is not None:
-            streams = self.exchange(streams)
+            if keep and getattr(self.exchange, "takes_keep", False):  # e.g. MBT: a dropped copy leaves the mean
+                streams = self.exchange(streams, keep=keep)
+            else:
+                streams = self.exchange(streams)
         if self.pool is not None:
             streams = {m: self.pool[m](z) for m, z in streams.items()}
         if keep:

@@ -82,6 +82,40 @@ def pool_folds(results: list[FitResult], data: DataBundle) -> FitResult:
                      test_pred=pred, test_true=true, state_dict=state)
 
 
+DIAGNOSTIC_SAMPLES = 256  # test samples (a seeded subset) on which a trained model's fusion is diagnosed
+
+
+def diagnose(cfg: DictConfig, parts: list[DataBundle], results: list[FitResult], device: torch.device) -> dict[str, Any]:
+    """Fusion diagnostics of the trained model of every fold (``fuselab.models.diagnostics``) on a seeded
+    subset of its test split; numbers averaged over the folds, problems of any fold kept. A failure here
+    never fails the run: it is recorded as ``diag_error``."""
+    from fuselab.models.diagnostics import fusion_diagnostics
+
+    per_fold: list[dict[str, Any]] = []
+    try:
+        for part, result in zip(parts, results):
+            if len(part.test) < 2:
+                continue
+            model = build_model(cfg, part)
+            model.load_state_dict(result.state_dict)
+            index = torch.randperm(len(part.test), generator=torch.Generator().manual_seed(int(cfg.seed)))
+            x, _ = part.test.take(index[:DIAGNOSTIC_SAMPLES])
+            model.to(device)
+            per_fold.append(fusion_diagnostics(model, {m: v.to(device) for m, v in x.items()}, seed=int(cfg.seed)))
+    except Exception as exc:  # noqa: BLE001 - a diagnostic must not cost the user a finished run
+        return {"diag_error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+    if not per_fold:
+        return {}
+    out: dict[str, Any] = {}
+    for key in per_fold[0]:
+        values = [d[key] for d in per_fold if key in d]
+        if isinstance(values[0], str):
+            out[key] = "; ".join(dict.fromkeys(v for v in values if v))
+        else:
+            out[key] = float(np.mean(values))
+    return out
+
+
 def environment(threads: int) -> dict[str, Any]:
     """What the run ran on: versions, threads, git revision, hardware."""
     versions = {}
@@ -168,6 +202,7 @@ def execute(
         if resume_path is not None:
             resume_path.unlink(missing_ok=True)
         results.append(result)
+    diagnostics = diagnose(cfg, parts, results, fabric.device)
     result = results[0] if len(results) == 1 else pool_folds(results, data)
     if run_dir is not None:
         for i in range(len(parts) if len(parts) > 1 else 0):
@@ -180,6 +215,9 @@ def execute(
                    seconds=time.perf_counter() - start)
     if len(parts) > 1:
         metrics["folds"] = len(parts)
+    metrics.update(diagnostics)
+    if cfg.get("control", False):
+        metrics["control"] = True
     if run_dir is not None and fabric.is_global_zero:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         _write_json(run_dir / "metrics.json", metrics)
