@@ -125,6 +125,8 @@ def run_id(cfg: DictConfig) -> str:
     plugins = provenance(container)
     if plugins:
         container["plugins"] = plugins
+    if container.get("control") is False:
+        del container["control"]  # added later: only a control hashes it, so stored runs keep their ids
     for section in [k for k, v in container.items() if v == {}]:
         del container[section]  # an unused optional section (exchange) must not change the ids of old runs
     for key in EXECUTION_KEYS:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -113,6 +113,13 @@ class FusionBase(nn.Module):
     def aux_losses(self) -> dict[str, Tensor]:
         """Auxiliary loss terms of this operator (e.g. a sparsity penalty); none by default."""
         return {}
+
+    @classmethod
+    def fusion_problem(cls, options: Mapping[str, Any]) -> str | None:
+        """One line when these config options leave the operator unable to carry information between
+        modalities (checked before anything trains); None when they can. Operators with such settings
+        override it."""
+        return None
 
     def check_inputs(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Validate modality keys, ranks and widths; return the inputs in the operator's order."""

@@ -9,6 +9,7 @@ parameter count does not depend on it).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from einops import repeat
@@ -112,6 +113,14 @@ class TokenExchange(Exchange):
     paper = "Wang et al., Multimodal Token Fusion for Vision Transformers, CVPR 2022"
     reference = "yikaiw/TokenFusion (TokenExchange, PredictorLG)"
     formula = "x_m'[n] = x_m[n] if s_m[n] >= threshold else mean_{k != m} x_k[n];  aux: mean |s_m|"
+
+    @classmethod
+    def fusion_problem(cls, options: Mapping[str, Any]) -> str | None:
+        threshold = options.get("threshold", 0.02)
+        if isinstance(threshold, (int, float)) and threshold <= 0:
+            return (f"exchange.threshold={threshold} never replaces a token (a score is never below it), so "
+                    "token-exchange carries nothing between modalities; use a threshold above 0 (TokenFusion: 0.02)")
+        return None
 
     def __init__(self, dims: Mapping[str, int], *, threshold: float = 0.02) -> None:
         super().__init__(dims)

@@ -300,4 +300,20 @@ def cen(
     return model
 
 
+def fusion_problem(model: Mapping[str, Any], exchange: Mapping[str, Any]) -> str | None:
+    """One line when a ``cen`` config exchanges nothing (None when it can): exchanging switched off, or a
+    threshold no |BN scale| can fall below."""
+    if model.get("exchanging", True) is False:
+        return ("model.exchanging=false: CEN then exchanges no channel and each stream sees only its own modality "
+                "until the ensemble (the no-exchange ablation)")
+    threshold = (exchange or {}).get("threshold", model.get("threshold", 2e-2))
+    if isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and threshold <= 0:
+        return (f"model.threshold={threshold}: no |BN scale| is below it, so CEN exchanges no channel; use a "
+                "threshold above 0 (the paper's 2e-2)")
+    return None
+
+
+cen.fusion_problem = fusion_problem  # type: ignore[attr-defined]  # read by the config check
+
+
 __all__ = ["CENBlock", "CENEnsemble", "CENStages", "CENStem", "DenseModalityHead", "ParallelConv", "ParallelNorm", "SparseParallelNorm", "cen"]

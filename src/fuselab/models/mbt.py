@@ -91,6 +91,25 @@ def check_fusion_layer(fusion_layer: int, layers: int) -> None:
         )
 
 
+def fusion_problem(model: Mapping[str, Any], exchange: Mapping[str, Any]) -> str | None:
+    """One line when an ``mbt`` config cannot carry information between modalities (None when it can).
+
+    A bottleneck that spans only the last block is read by no later block: the modality tokens of that block
+    attend to the learned initial bottleneck tokens, and the updated copies (the only place where the
+    modalities meet) are dropped. The network is then late fusion plus a few learned tokens.
+    """
+    layers = model.get("layers", 4)
+    fusion_layer = model.get("fusion_layer", 2)
+    name = (exchange or {}).get("name", "bottleneck")
+    if name == "bottleneck" and isinstance(layers, int) and isinstance(fusion_layer, int) \
+            and layers - fusion_layer == 1:
+        return (f"model.fusion_layer={fusion_layer} with model.layers={layers}: the bottleneck then spans only the "
+                "last block, whose bottleneck update no block reads, so nothing passes between modalities (late "
+                f"fusion plus learned tokens); use model.fusion_layer <= {layers - 2}, or model.fusion_layer="
+                f"{layers} for late fusion")
+    return None
+
+
 @MODELS.register("mbt")
 def mbt(
     *,
@@ -220,3 +239,6 @@ def mbt(
     heads_per_modality = {m: nn.Linear(width, num_classes) for m in modalities} if modality_heads else None
     return MultiStream(encoders=encoders, exchange=exchange_module, pool=pool, merge=merge, head=head,
                        modality_heads=heads_per_modality)
+
+
+mbt.fusion_problem = fusion_problem  # type: ignore[attr-defined]  # read by the config check

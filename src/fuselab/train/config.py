@@ -75,6 +75,9 @@ class RunConfig:
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     seed: int = 0  # fixes the data split, the initialisation and the batch order
+    # a deliberate control: a configuration that cannot carry information between modalities (e.g. CEN without
+    # exchange) is allowed instead of rejected, and the report labels its row as a control
+    control: bool = False
 
 
 SECTIONS = [f.name for f in dataclasses.fields(RunConfig)]
@@ -113,7 +116,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
     try:
-        content = yaml.safe_load(path.read_text())
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"'{path}' is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -208,6 +213,23 @@ def check_options(section: str, factory: Callable[..., Any], options: dict[str, 
             raise ConfigError(f"config key '{section}.{key}' must be {_type_name(hint)}, got {value!r}")
 
 
+def fusion_problem(data: dict[str, Any], model: dict[str, Any], exchange: dict[str, Any],
+                   fusion: dict[str, Any]) -> str | None:
+    """One line when a config's fusion cannot carry information between modalities, from the model builder's
+    ``fusion_problem`` and the operators' ``FusionBase.fusion_problem``; None when it can, or when the data
+    has one modality (a unimodal baseline fuses nothing by design)."""
+    chosen = data.get("modalities") or data.get("views")
+    if isinstance(chosen, list) and len(chosen) == 1:
+        return None
+    check = getattr(MODELS.get(model["name"]), "fusion_problem", None)
+    problem = check(model, exchange) if check is not None else None
+    for options in (exchange, fusion):
+        op_check = getattr(FUSIONS.get(options["name"]), "fusion_problem", None) if options.get("name") in FUSIONS else None
+        if problem is None and op_check is not None:
+            problem = op_check(options)
+    return problem
+
+
 def validate(cfg: DictConfig) -> None:
     """Check names and options of every free-form section before anything runs."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
@@ -236,6 +258,9 @@ def validate(cfg: DictConfig) -> None:
         if "exchange" not in inspect.signature(MODELS.get(model["name"])).parameters:
             raise ConfigError(f"model '{model['name']}' takes no exchange section; remove exchange.*")
         check_options("exchange", FUSIONS.get(exchange["name"]), exchange)
+    problem = fusion_problem(OmegaConf.to_container(cfg.data, resolve=True), model, exchange, fusion)
+    if problem and not cfg.control:
+        raise ConfigError(f"{problem} (or set control=true to run it as a labelled control)")
     if cfg.train.monitor not in ("accuracy", "macro_f1", "loss"):
         raise ConfigError(f"config key 'train.monitor' must be accuracy, macro_f1 or loss, got {cfg.train.monitor!r}")
     if cfg.train.select not in ("best", "last"):
@@ -251,12 +276,6 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"config key '{key}' must be a probability in [0, 1] (or a mapping of modality to one), got {rate!r}")
     if cfg.train.lr <= 0:
         raise ConfigError(f"config key 'train.lr' must be positive, got {cfg.train.lr}")
-
-
-def section(cfg: DictConfig, name: str) -> dict[str, Any]:
-    """A config section as a plain dict."""
-    return OmegaConf.to_container(cfg[name], resolve=True)  # type: ignore[return-value]
-
     _check_optimizer(cfg.train)
 
 
@@ -273,3 +292,9 @@ def _check_optimizer(train: Any) -> None:
         raise ConfigError("config key 'train.nesterov' needs train.optimizer=sgd and train.momentum > 0")
     if train.freeze_bn_epoch < 0:
         raise ConfigError(f"config key 'train.freeze_bn_epoch' must be >= 0, got {train.freeze_bn_epoch}")
+
+
+def section(cfg: DictConfig, name: str) -> dict[str, Any]:
+    """A config section as a plain dict."""
+    return OmegaConf.to_container(cfg[name], resolve=True)  # type: ignore[return-value]
+
