@@ -69,7 +69,7 @@ def _localize_markdown(markdown: str, lang: str, baseline: str, n: int, alpha: s
     heads = {"Method": text("col_method", lang), "Seeds": text("col_seeds", lang), "Params": text("col_params", lang),
              "vs. baseline": text("col_vs", lang), "Accuracy (%)": f"{text('Accuracy', lang)} (%)",
              "Macro-F1 (%)": f"{text('Macro-F1', lang)} (%)", "Δ Accuracy (pp)": f"Δ {text('Accuracy', lang)} (pp)",
-             "Δ Macro-F1 (pp)": f"Δ {text('Macro-F1', lang)} (pp)"}
+             "Δ Macro-F1 (pp)": f"Δ {text('Macro-F1', lang)} (pp)", "Fusion check": text("col_fusion_check", lang)}
     out = []
     for i, line in enumerate(lines):
         if i == 2 and line.startswith("| "):

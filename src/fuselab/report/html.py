@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fuselab.report.fusion_check import fusion_note
 from fuselab.report.i18n import text
 from fuselab.report.plots import _human
 from fuselab.report.tables import DOWN_MARK, UP_MARK
@@ -34,7 +35,7 @@ td:first-child,th:first-child{text-align:left}
 tr.baseline td{background:#f3f7fb}
 td.best{font-weight:bold}
 td.second{text-decoration:underline}
-.up{color:#1E8A55}.down{color:#C0392B}
+.up{color:#1E8A55}.down{color:#C0392B}.warn{color:#C0392B;font-weight:bold}
 caption{caption-side:top;text-align:left;font-weight:bold;padding-bottom:.4em}
 figure{margin:1em 0}
 figure img{max-width:100%;height:auto;border:1px solid #eee}
@@ -64,6 +65,9 @@ def summary_table_html(summary: pd.DataFrame, *, caption: str, lang: str = "en",
     head += [f"{labels.get(m, m)} (%)" for m in metrics]
     head += [text("col_params", lang)] + ([text("col_flops", lang)] if flops else [])
     head += ["Δ (pp)", text("col_vs", lang)]
+    check = "fusion_check" in summary.columns and bool(summary["fusion_check"].fillna("").astype(bool).any())
+    if check:
+        head.append(text("col_fusion_check", lang))
     ranks = {}
     for m in metrics:
         shown = np.round(summary[f"{m}_mean"].to_numpy(dtype=float) * 100, 2)
@@ -92,9 +96,14 @@ def summary_table_html(summary: pd.DataFrame, *, caption: str, lang: str = "en",
         else:
             mark = ""
         cells.append(f"<td>{mark}</td>")
+        if check:
+            warn = ' class="warn"' if r.get("fusion_problems") else ""
+            cells.append(f"<td{warn}>{_esc(r.get('fusion_check') or '–')}</td>")
         rows.append(f'<tr{" class=baseline" if is_base else ""}>{"".join(cells)}</tr>')
     n = int((summary["method"] != baseline).sum())
     notes = [text("md_values", lang, baseline=baseline), text("md_marks", lang, alpha=f"{summary.attrs.get('alpha', 0.05):g}", n=n)]
+    if check:
+        notes.append(fusion_note(summary))
     return (
         f'<table id="results"><caption>{_esc(caption)}</caption>\n<thead><tr>'
         + "".join(f"<th>{_esc(h)}</th>" for h in head)

@@ -64,6 +64,7 @@ _TEXT: dict[str, dict[str, str]] = {
     "col_params": {"en": "Params", "zh": "参数量"},
     "col_flops": {"en": "FLOPs", "zh": "FLOPs"},
     "col_vs": {"en": "vs. baseline", "zh": "对比基线"},
+    "col_fusion_check": {"en": "Fusion check", "zh": "融合检查"},
     "Accuracy": {"en": "Accuracy", "zh": "准确率"},
     "Macro-F1": {"en": "Macro-F1", "zh": "宏平均 F1"},
     "baseline_mark": {"en": "(baseline)", "zh": "（基线）"},

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fuselab.report.fusion_check import fusion_check, fusion_note
 from fuselab.report.stats import holm, mcnemar, mean_ci, paired_ttest
 
 __all__ = ["summarize", "to_csv", "to_latex", "to_markdown"]
@@ -134,6 +135,7 @@ def summarize(
                 values = pd.to_numeric(rows[col], errors="coerce").to_numpy(dtype=float)
                 rec[col] = float(np.nanmedian(values)) if not np.all(np.isnan(values)) else math.nan
         rec["delta"] = float(np.mean(rows[primary].to_numpy(dtype=float))) - base_primary
+        rec.update(fusion_check(rows))
 
         p_t = p_mc = math.nan
         if method != baseline:
@@ -246,6 +248,10 @@ def _alpha_text(summary: pd.DataFrame) -> str:
     return f"{summary.attrs.get('alpha', 0.05):g}"
 
 
+def _has_fusion_check(summary: pd.DataFrame) -> bool:
+    return "fusion_check" in summary.columns and bool(summary["fusion_check"].fillna("").astype(bool).any())
+
+
 # ----------------------------------------------------------------------------------------------
 # Markdown
 # ----------------------------------------------------------------------------------------------
@@ -295,6 +301,10 @@ def to_markdown(
     header += ["Params", *(label for _, label, _ in costs), f"Δ {_metric_label(primary)}{' (pp)' if percent else ''}",
                "vs. baseline"]
     align += ["---:"] * (1 + len(costs)) + ["---:", ":---:"]
+    check = _has_fusion_check(summary)
+    if check:
+        header.append("Fusion check")
+        align.append(":---")
 
     ranks = {m: _ranks(summary[f"{m}_mean"].to_numpy(dtype=float) * scale, decimals) for m in metrics}
     lines = [caption, "", "| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
@@ -321,6 +331,8 @@ def to_markdown(
         else:
             mark = ""
         cells.append(mark)
+        if check:
+            cells.append(_md_escape(r.get("fusion_check") or "–"))
         lines.append("| " + " | ".join(cells) + " |")
 
     n = _n_compared(summary, baseline)
@@ -334,6 +346,9 @@ def to_markdown(
         f"McNemar's test on pooled test predictions both p < {_alpha_text(summary)} after Holm "
         f"correction across {_plural(n, 'method')}.",
     ]
+    note = fusion_note(summary)
+    if note:
+        lines += ["", _md_escape(note)]
     return "\n".join(lines) + "\n"
 
 
@@ -353,6 +368,11 @@ _LATEX_SPECIAL = {
     "~": r"\textasciitilde{}",
     "^": r"\textasciicircum{}",
 }
+
+
+def _latex_text(text: str) -> str:
+    """Plain text for a LaTeX cell: escaped, with the warning sign and en dash spelled in ASCII."""
+    return latex_escape(str(text).replace("⚠ ", "").replace("–", "--"))
 
 
 def latex_escape(text: str) -> str:
@@ -388,9 +408,10 @@ def to_latex(
 
     ranks = {m: _ranks(summary[f"{m}_mean"].to_numpy(dtype=float) * scale, decimals) for m in metrics}
     costs = _cost_columns(summary)
-    colspec = "l" + "c" * len(metrics) + "r" * (1 + len(costs))
+    check = _has_fusion_check(summary)
+    colspec = "l" + "c" * len(metrics) + "r" * (1 + len(costs)) + ("l" if check else "")
     header = ["Method", *(f"{latex_escape(_metric_label(m))}{unit}" for m in metrics), "Params",
-              *(latex_escape(label) for _, label, _ in costs)]
+              *(latex_escape(label) for _, label, _ in costs), *(["Fusion check"] if check else [])]
     lines = [
         r"% requires \usepackage{booktabs} and \usepackage{amssymb}",
         r"\begin{table}[t]",
@@ -422,6 +443,8 @@ def to_latex(
             cells.append(rf"{mean} $\pm$ {std}")
         cells.append(_fmt_params(r.get("params", math.nan)))
         cells += [_fmt_cost(r.get(col), kind) for col, _, kind in costs]
+        if check:
+            cells.append(_latex_text(r.get("fusion_check") or "--"))
         lines.append("    " + " & ".join(cells) + r" \\")
 
     n = _n_compared(summary, baseline)
@@ -433,6 +456,8 @@ def to_latex(
         rf"predictions both $p < {_alpha_text(summary)}$ after Holm correction across "
         rf"{_plural(n, 'method')}."
     )
+    if check:
+        note += " " + _latex_text(fusion_note(summary))
     lines += [
         r"    \bottomrule",
         r"  \end{tabular}",
