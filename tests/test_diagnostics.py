@@ -1,0 +1,244 @@
+"""Fusion diagnostics and the check that a configuration can fuse at all (``fuselab.models.diagnostics``,
+the config's ``fusion_problem``, the report's fusion-check column)."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+import fuselab
+from fuselab.cli import main
+from fuselab.experiments.spec import load_spec, shipped_specs
+from fuselab.fusion.bottleneck import Bottleneck
+from fuselab.layers.transformer import transformer_blocks
+from fuselab.models.diagnostics import dependence_problem, operator_stats
+from fuselab.models.output import ModelOutput
+from fuselab.train.config import ConfigError, make_config
+
+TOKENS = {"data": {"name": "mfeat", "views": ["fou", "kar"]},
+          "model": {"name": "mbt", "width": 16, "heads": 2, "layers": 2, "fusion_layer": 0, "features_per_token": 16},
+          "fusion": {"name": "late"}, "train": {"epochs": 1, "batch_size": 128}}
+
+
+class OnlyA(nn.Module):
+    """Logits from modality ``a`` alone: class 0 when a > 0, class 1 otherwise, with certainty."""
+
+    def forward(self, x):
+        a = x["a"][:, :1] * 1000.0
+        return ModelOutput(logits=torch.cat([a, -a], dim=1), modality_logits=None, features=None, aux_losses={})
+
+
+def test_dependence_is_total_for_a_decisive_modality_and_zero_for_an_ignored_one():
+    # two samples of opposite sign: any permutation without fixed points swaps them, so both predictions flip
+    x = {"a": torch.tensor([[1.0], [-1.0]]), "b": torch.tensor([[5.0], [-7.0]])}
+    dependence = fuselab.modality_dependence(OnlyA(), x)
+    assert dependence["a"] == pytest.approx(1.0, abs=1e-6)
+    assert dependence["b"] == 0.0
+    assert dependence_problem(dependence) == ("no cross-modal dependence: only 'a' changes the prediction "
+                                              "(dependence >= 0.01)")
+    assert dependence_problem({"a": 0.3, "b": 0.02}) is None
+    assert dependence_problem({"a": 0.3, "b": 0.005, "c": 0.001}) is not None
+
+
+def test_dependence_of_a_balanced_pair_counts_the_flipped_share():
+    # eight samples, predictions from the sign of a; half positive: a permutation flips exactly the samples
+    # whose partner has the other sign, so the dependence is the share of such pairs
+    a = torch.tensor([[1.0], [-1.0], [2.0], [-2.0], [3.0], [-3.0], [4.0], [-4.0]])
+    x = {"a": a, "b": torch.zeros(8, 1)}
+    dependence = fuselab.modality_dependence(OnlyA(), x, seed=3)
+    cycle = torch.randperm(8, generator=torch.Generator().manual_seed(3))
+    partner = torch.empty_like(cycle)
+    partner[cycle] = cycle.roll(-1)
+    flipped = ((a[:, 0] > 0) != (a[partner, 0] > 0)).float().mean()
+    assert (partner != torch.arange(8)).all()
+    assert dependence["a"] == pytest.approx(float(flipped), abs=1e-6)
+
+
+def _bottleneck(depth: int, modalities=("a", "b", "c")) -> Bottleneck:
+    torch.manual_seed(0)
+    layers = {m: transformer_blocks(depth=depth, dim=8, heads=2) for m in modalities}
+    return Bottleneck(layers, n_bottlenecks=2).eval()
+
+
+def _tokens(modalities=("a", "b", "c"), batch=3):
+    torch.manual_seed(1)
+    return {m: torch.randn(batch, 3 + i, 8) for i, m in enumerate(modalities)}
+
+
+def test_a_bottleneck_spanning_one_block_reports_no_cross_modal_attention():
+    x = _tokens()
+    one = _bottleneck(1).fusion_stats(x)
+    two = _bottleneck(2).fusion_stats(x)
+    assert one["cross_attention"] == 0.0 and one["initial_attention"] > 0.0
+    assert 0.0 < two["cross_attention"] < 1.0
+    stats, problems = operator_stats(nn.ModuleDict({"exchange": _bottleneck(1)})["exchange"], x)
+    assert stats["/cross_attention"] == 0.0
+    assert problems == ["Bottleneck: cross_attention is 0 (Bottleneck carried nothing between modalities)"]
+
+
+def test_a_dropped_modality_leaves_the_bottleneck_mean_as_a_missing_one_does():
+    op, x = _bottleneck(3), _tokens()
+    keep = {"c": torch.tensor([1.0, 0.0, 0.0])}  # sample 0 keeps c, samples 1 and 2 drop it
+    with torch.no_grad():
+        dropped = op(x, keep=keep)
+        missing = op({m: x[m] for m in ("a", "b")})
+        full = op(x)
+    for m in ("a", "b"):
+        torch.testing.assert_close(dropped[m][1:], missing[m][1:])
+        torch.testing.assert_close(dropped[m][:1], full[m][:1])
+        assert not torch.allclose(full[m][1:], missing[m][1:])  # c did reach a and b when present
+
+
+def test_modality_dropout_in_mbt_reaches_the_bottleneck_masks():
+    cfg = make_config(TOKENS, ["exchange.name=bottleneck"])
+    from fuselab.train.run import build_data, build_model
+
+    data = build_data(cfg)
+    model = build_model(cfg, data).eval()
+    x, _ = data.test.take(torch.arange(4))
+    with torch.no_grad():
+        dropped = model(x, keep={"kar": torch.zeros(4)}).modality_logits["fou"]
+        alone = model({"fou": x["fou"]}).modality_logits["fou"]
+    torch.testing.assert_close(dropped, alone)
+
+
+def _cli(capsys, *args: str) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as info:
+        main(list(args))
+    out = capsys.readouterr()
+    return info.value.code, out.out + out.err
+
+
+def test_a_bottleneck_that_cannot_fuse_is_one_line_before_anything_trains(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"^model.fusion_layer=1 with model.layers=2: the bottleneck then spans "
+                                          r"only the last block.*set control=true to run it as a labelled control\)$"):
+        make_config(TOKENS, ["exchange.name=bottleneck", "model.fusion_layer=1"])
+    assert make_config(TOKENS, ["exchange.name=bottleneck", "model.fusion_layer=1", "control=true"]).control is True
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(textwrap.dedent("""
+        name: last-block
+        base:
+          data: {name: mfeat, views: [fou, kar]}
+          model: {name: mbt, width: 16, heads: 2, layers: 3, fusion_layer: 2}
+          exchange: {name: bottleneck}
+          fusion: {name: late}
+        seeds: [0]
+    """))
+    store = tmp_path / "store"
+    for args in (["--dry-run"], []):
+        code, output = _cli(capsys, "compare", str(spec), "--store", str(store), *args)
+        assert code == 2
+        lines = output.strip().splitlines()
+        assert len(lines) == 1 and "model.fusion_layer=2 with model.layers=3" in lines[0], output
+    assert not store.exists()
+
+
+def test_a_token_exchange_that_never_exchanges_is_rejected():
+    cfg = {**TOKENS, "model": {**TOKENS["model"], "features_per_token": 8}, "data": {"name": "mfeat", "views": ["fou", "kar"]}}
+    with pytest.raises(ConfigError, match="exchange.threshold=0 never replaces a token"):
+        make_config(cfg, ["exchange.name=token-exchange", "exchange.threshold=0"])
+
+
+def test_a_control_keeps_the_run_ids_of_configs_without_it():
+    from fuselab.experiments.spec import run_id
+
+    plain = make_config(TOKENS, [])
+    assert run_id(plain) == run_id(make_config(TOKENS, ["control=false"]))
+    assert run_id(plain) != run_id(make_config(TOKENS, ["control=true"]))
+
+
+def test_runs_record_diagnostics_and_the_report_marks_a_row_that_does_not_fuse(tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(textwrap.dedent("""
+        name: diag
+        base:
+          data: {name: mfeat, views: [fou, kar]}
+          model: {name: mbt, width: 16, heads: 2, layers: 2, fusion_layer: 0, features_per_token: 16}
+          fusion: {name: late}
+          train: {epochs: 2, batch_size: 128}
+        variants:
+          - {name: bottleneck, exchange: {name: bottleneck}}
+          - {name: last-block, model: {fusion_layer: 1}, exchange: {name: bottleneck}, control: true}
+        seeds: [0]
+        baseline: bottleneck
+    """))
+    store = tmp_path / "store"
+    code, output = _cli(capsys, "compare", str(spec), "--store", str(store), "--jobs", "1")
+    assert code in (0, None), output
+    frame = fuselab.load_results(store, "diag").set_index("method")
+    good, bad = frame.loc["bottleneck"], frame.loc["last-block"]
+    assert good["diag_stat/exchange/cross_attention"] > 0.01
+    assert bad["diag_stat/exchange/cross_attention"] == 0.0
+    assert good["diag_problems"] == ""
+    assert bad["diag_problems"] == "exchange: cross_attention is 0 (Bottleneck carried nothing between modalities)"
+    assert bad["control"] == True  # noqa: E712 - a stored JSON boolean
+    for m in ("fou", "kar"):
+        assert 0.01 < good[f"diag_dependence/{m}"] <= 1.0
+    markdown = (store / "diag" / "report" / "results.md").read_text()
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in markdown.splitlines() if line.startswith("| ")}
+    assert rows["last-block"].rstrip(" |").split(" | ")[-1].startswith("control; ⚠ not fusing; dep ")
+    assert "⚠ not fusing" not in rows["bottleneck"] and "cross-attn" in rows["bottleneck"]
+    assert "⚠ not fusing: last-block: exchange: cross_attention is 0" in markdown
+    latex = (store / "diag" / "report" / "results.tex").read_text()
+    assert "Fusion check" in latex and "⚠" not in latex and "control; not fusing" in latex
+    html = (store / "diag" / "report" / "report.html").read_text()
+    assert '<td class="warn">control; ⚠ not fusing' in html
+
+
+def _small(data: dict) -> list[str]:
+    """Overrides that make a shipped spec's data small enough to build every model of it in a test."""
+    if data["name"] == "avmnist":
+        return ["data.train_size=20", "data.val_size=10", "data.test_size=10"]
+    return []
+
+
+def _probe_ready(model: nn.Module) -> None:
+    """CEN exchanges the channels whose BN scale has fallen below the threshold during training: put the owned
+    scales at zero, as a trained model has them, so the structural path can be probed."""
+    for module in model.modules():
+        if hasattr(module, "exchanged") and hasattr(module, "parts"):
+            with torch.no_grad():
+                for m, (lo, hi) in module.parts.items():
+                    module.norms[m].weight[lo:hi] = 0.0
+
+
+def test_every_fusion_row_of_every_shipped_spec_has_a_cross_modal_path(data_root, monkeypatch):
+    from fuselab.train.run import build_data, build_model
+
+    monkeypatch.setenv("FUSELAB_DATA", str(data_root))
+    checked = 0
+    for name in sorted(shipped_specs()):
+        spec = load_spec(name)
+        seen = set()
+        for run in spec.plan():  # plan() itself rejects a configuration that cannot fuse (unless a control)
+            if run.method in seen or run.config.control:
+                continue
+            seen.add(run.method)
+            base = OmegaConf.to_container(run.config, resolve=True)
+            cfg = make_config(base, _small(base["data"]))
+            data = build_data(cfg)
+            if len(data.modalities) < 2:
+                continue  # a unimodal baseline
+            torch.manual_seed(0)
+            model = build_model(cfg, data)
+            if not any(p.requires_grad for p in model.parameters()):
+                continue  # cva: a classical baseline, nothing learned
+            _probe_ready(model)
+            x, _ = data.test.take(torch.arange(min(4, len(data.test))))
+            xs = {m: v.float().requires_grad_(True) for m, v in x.items()}
+            model.eval()
+            output = model(xs)  # CEN's ensemble mixes detached logits: its streams are read through their heads
+            total = output.logits.sum() + sum(v.sum() for v in (output.modality_logits or {}).values())
+            grads = torch.autograd.grad(total, list(xs.values()), allow_unused=True)
+            reached = [m for m, g in zip(xs, grads) if g is not None and float(g.abs().sum()) > 0]
+            assert sorted(reached) == sorted(xs), f"{name}/{run.method}: the prediction ignores {set(xs) - set(reached)}"
+            if any(getattr(type(module), "contract", "") == "exchange" for module in model.modules()):
+                paths = fuselab.cross_modal_gradients(model, x)
+                for m in xs:
+                    assert any(paths[(m, n)] > 0 for n in xs if n != m), f"{name}/{run.method}: nothing reaches {m}"
+            checked += 1
+    assert checked >= 40
