@@ -374,3 +374,60 @@ def test_cross_attention_pool_width_queries_and_output():
         fuselab.create_fusion("cross-attention-pool", dims={"a": 7, "b": 5}, heads=0)
     with pytest.raises(ValueError, match="heads must be a positive integer"):
         fuselab.create_fusion("cross-attention", dims={"a": 8, "b": 8}, heads=True)
+
+
+def test_token_operator_defaults_and_option_checks():
+    op = fuselab.create_fusion("cross-attention", dims={"a": 8, "b": 8}, dropout=0.25)
+    assert op.heads == 4 and all(a.heads == 4 and a.dropout == 0.25 for a in op.attn.values())
+    assert all(isinstance(p[0], torch.nn.Identity) for p in op.proj.values())  # equal widths: no projection
+    pool = fuselab.create_fusion("cross-attention-pool", dims={"a": 8, "b": 8})
+    assert pool.attn.heads == 4 and all(isinstance(p[0], torch.nn.Identity) for p in pool.proj.values())
+    for heads in (0, -2, "2", 2.0):
+        with pytest.raises(ValueError, match=rf"^cross-attention: heads must be a positive integer, got {heads!r}$"):
+            fuselab.create_fusion("cross-attention", dims={"a": 8, "b": 8}, heads=heads)
+        with pytest.raises(ValueError, match=rf"^cross-attention-pool: heads must be a positive integer, got {heads!r}$"):
+            fuselab.create_fusion("cross-attention-pool", dims={"a": 8, "b": 8}, heads=heads)
+    with pytest.raises(ValueError, match=r"^cross-attention: heads=3 must divide the width of 'b' \(8\)$"):
+        fuselab.create_fusion("cross-attention", dims={"a": 6, "b": 8}, heads=3)
+    with pytest.raises(ValueError, match=r"^cross-attention-pool: heads=4 must divide the width of 'width' \(6\)$"):
+        fuselab.create_fusion("cross-attention-pool", dims={"a": 6, "b": 6}, width=6, heads=4)
+    with pytest.raises(ValueError, match=r"out_dim must be a positive integer or None, got 0"):
+        fuselab.create_fusion("cross-attention-pool", dims={"a": 8, "b": 8}, out_dim=0)
+    # the token scorer: LN -> Linear(d, max(d // 2, 1)) -> GELU -> Linear(2)
+    for width, hidden in ((2, 1), (3, 1), (8, 4)):
+        tex = fuselab.create_fusion("token-exchange", dims={"a": width, "b": width})
+        assert tex.score["a"].net[1].out_features == hidden
+    assert tex.aux_losses() == {}  # nothing before a forward pass
+
+
+def _score_by_hand(scorer, x):
+    ln, fc1, _, fc2 = scorer.net
+    h = F.gelu(F.linear(F.layer_norm(x, (x.shape[-1],), ln.weight, ln.bias), fc1.weight, fc1.bias))
+    return torch.softmax(F.linear(h, fc2.weight, fc2.bias), -1)[..., 0]  # the first of two entries
+
+
+def test_token_scores_and_pooling_by_hand():
+    torch.manual_seed(0)
+    tex = fuselab.create_fusion("token-exchange", dims={"a": 6, "b": 6}, threshold=0.45)
+    for p in tex.parameters():
+        torch.nn.init.normal_(p)
+    x = {m: torch.randn(2, 5, 6) for m in "ab"}
+    with torch.no_grad():
+        tex.threshold = float(_score_by_hand(tex.score["a"], x["a"]).median())  # a keeps some tokens, not all
+    out = tex(x)
+    for m, other in (("a", "b"), ("b", "a")):
+        s = _score_by_hand(tex.score[m], x[m])
+        assert torch.allclose(tex._scores[m], s, atol=1e-6)
+        assert torch.allclose(out[m], torch.where((s >= tex.threshold)[..., None], x[m], x[other]), atol=1e-6)
+    kept = _score_by_hand(tex.score["a"], x["a"]) >= tex.threshold
+    assert 0 < int(kept.sum()) < kept.numel()
+    pool = fuselab.create_fusion("cross-attention-pool", dims={"a": 8, "b": 5}, heads=2)
+    for p in pool.parameters():
+        torch.nn.init.normal_(p)
+    x = {"a": torch.randn(2, 3, 8), "b": torch.randn(2, 4, 5)}
+    lin = pool.proj["b"][0]
+    tokens = torch.cat([F.layer_norm(x["a"], (8,), pool.proj["a"][1].weight, pool.proj["a"][1].bias),
+                        F.layer_norm(F.linear(x["b"], lin.weight, lin.bias), (8,), pool.proj["b"][1].weight,
+                                     pool.proj["b"][1].bias)], 1)
+    q = pool.queries.expand(2, -1, -1)
+    assert torch.allclose(pool(x), pool.attn(q, tokens, tokens).flatten(1), atol=1e-5)
