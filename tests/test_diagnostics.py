@@ -242,3 +242,22 @@ def test_every_fusion_row_of_every_shipped_spec_has_a_cross_modal_path(data_root
                     assert any(paths[(m, n)] > 0 for n in xs if n != m), f"{name}/{run.method}: nothing reaches {m}"
             checked += 1
     assert checked >= 40
+
+
+def test_cen_is_marked_as_not_fusing_only_when_no_exchange_moved_a_channel():
+    from fuselab.models.cen import cen
+
+    torch.manual_seed(0)
+    model = cen(dims={"t1": 3, "t2": 3}, num_classes=2, widths=[4, 8])
+    x = {"t1": torch.randn(4, 3, 8, 8), "t2": torch.randn(4, 3, 8, 8)}
+    stats, problems = operator_stats(model, x)
+    assert stats["exchange.stages.0.norm/exchanged"] == 0.0
+    assert problems == ["all 2 ChannelExchange modules: exchanged is 0 (ChannelExchange carried nothing between "
+                        "modalities)"]
+    with torch.no_grad():  # one channel of t1 in the stem below the threshold: 1 of 2 x 4 stem channels exchanged
+        model.exchange.stages[0].norm.norms["t1"].weight[1] = -1e-3
+    stats, problems = operator_stats(model, x)
+    assert stats["exchange.stages.0.norm/exchanged"] == 1 / 8
+    assert stats["exchange.stages.0.norm/exchanged/t1"] == 1 / 4
+    assert stats["exchange.stages.1.0.norm1/exchanged"] == 0.0
+    assert problems == []

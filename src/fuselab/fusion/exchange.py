@@ -330,3 +330,12 @@ class ChannelExchange(Exchange):
         for m, (lo, hi) in self.parts.items():
             stats[f"exchanged_owned/{m}"] = float(masks[m][lo:hi].float().mean())
         return stats
+
+    carry_stat = "exchanged"  # fusion diagnostics: with no channel exchanged, nothing passed between modalities
+
+    def fusion_stats(self, inputs: Mapping[str, Tensor]) -> dict[str, float]:
+        """The exchanged shares of ``epoch_stats`` and ``exchanged``, the share of all channels of all
+        modalities that are exchanged (the state of the BN scales; the inputs do not change it)."""
+        masks = self.exchanged()
+        total = sum(int(mask.sum()) for mask in masks.values()) / sum(mask.numel() for mask in masks.values())
+        return {"exchanged": total, **self.epoch_stats()}

@@ -90,16 +90,20 @@ def operator_stats(model: nn.Module, inputs: Mapping[str, Tensor]) -> tuple[dict
         for hook in hooks:
             hook.remove()
     stats: dict[str, float] = {}
-    problems: list[str] = []
+    carried: dict[type, list[tuple[str, float]]] = {}  # per operator class: (module name, its carry stat)
     modules = dict(model.named_modules())
     for name, received in seen.items():
         module = modules[name]
         values = module.fusion_stats(received)
         stats.update({f"{name}/{k}": float(v) for k, v in values.items()})
         carry = getattr(type(module), "carry_stat", None)
-        if carry is not None and carry in values and float(values[carry]) <= 0.0:
-            problems.append(f"{name or type(module).__name__}: {carry} is 0 ({type(module).__name__} carried nothing "
-                            "between modalities)")
+        if carry is not None and carry in values:
+            carried.setdefault(type(module), []).append((name or type(module).__name__, float(values[carry])))
+    problems = []
+    for cls, values in carried.items():  # an operator fails only when none of its instances carried anything
+        if all(v <= 0.0 for _, v in values):
+            where = values[0][0] if len(values) == 1 else f"all {len(values)} {cls.__name__} modules"
+            problems.append(f"{where}: {cls.carry_stat} is 0 ({cls.__name__} carried nothing between modalities)")
     for name, module in model.named_modules():
         if name not in seen and callable(getattr(module, "epoch_stats", None)):
             stats.update({f"{name}/{k}": float(v) for k, v in module.epoch_stats().items()})

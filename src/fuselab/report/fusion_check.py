@@ -31,7 +31,8 @@ def _mean(rows: pd.DataFrame, columns: list[str]) -> dict[str, float]:
 def _state_text(stats: dict[str, float]) -> list[str]:
     """Short phrases for the operator statistics that say whether a method fuses."""
     parts = []
-    exchanged = [v for k, v in stats.items() if "/exchanged/" in k or k.endswith("/exchanged")]
+    exchanged = [v for k, v in stats.items() if k.endswith("/exchanged")]  # per exchange, all its channels
+    exchanged = exchanged or [v for k, v in stats.items() if "/exchanged/" in k]  # per modality (epoch_stats)
     if exchanged:
         parts.append(f"exchanged {np.mean(exchanged) * 100:.0f} %")
     cross = [v for k, v in stats.items() if k.endswith("/cross_attention")]
