@@ -293,3 +293,30 @@ def test_per_modality_options_and_defaults():
 def test_more_bad_options_fail_with_one_clear_line(options, message):
     with pytest.raises(ValueError, match=message):
         _model(**options)
+
+
+def test_fusion_problem_names_a_bottleneck_that_spans_only_the_last_block():
+    from fuselab.models.mbt import fusion_problem
+
+    assert fusion_problem({"layers": 3, "fusion_layer": 2}, {"name": "bottleneck"}) == (
+        "model.fusion_layer=2 with model.layers=3: the bottleneck then spans only the last block, whose bottleneck "
+        "update no block reads, so nothing passes between modalities (late fusion plus learned tokens); use "
+        "model.fusion_layer <= 1, or model.fusion_layer=3 for late fusion")
+    # the builder's defaults (4 layers, fusion from block 2, the bottleneck) wrap two blocks: no problem
+    assert fusion_problem({}, None) is None and fusion_problem({}, {}) is None
+    assert fusion_problem({"layers": 3}, None).startswith("model.fusion_layer=2 with model.layers=3:")
+    assert fusion_problem({"fusion_layer": 3}, None).startswith("model.fusion_layer=3 with model.layers=4:")
+    assert fusion_problem({"fusion_layer": 3}, {"lr": 1}).startswith("model.fusion_layer=3 with model.layers=4:")
+    for layers, fusion_layer in ((4, 2), (4, 4), (4, 0), (2, 0)):  # two or more wrapped blocks, or none at all
+        assert fusion_problem({"layers": layers, "fusion_layer": fusion_layer}, None) is None
+    for name in ("joint-attention", "cross-attention"):  # these mix inside the block itself
+        assert fusion_problem({"layers": 3, "fusion_layer": 2}, {"name": name}) is None
+    assert fusion_problem({"layers": "${x}", "fusion_layer": 2}, None) is None  # unresolved: the builder checks
+
+
+def test_spectrogram_tokenizer_takes_patch_size_and_stride():
+    from fuselab.models.mbt import make_tokenizer
+
+    tok = make_tokenizer("spectrogram", (36, 26), width=8, features_per_token=1, patch_size=8, patch_stride=6)
+    assert tok.proj.kernel_size == (8, 8) and tok.proj.stride == (6, 6)
+    assert tok.num_tokens == ((26 - 8) // 6 + 1) * ((36 - 8) // 6 + 1)
