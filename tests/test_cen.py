@@ -264,3 +264,17 @@ def test_switching_the_exchange_off_keeps_the_network_and_its_sparsity_term():
     assert not torch.allclose(on(xs).logits, off(xs).logits)
     assert off(xs).aux_losses.keys() == on(xs).aux_losses.keys()
     torch.testing.assert_close(torch.stack(list(off(xs).aux_losses.values())), torch.stack(list(on(xs).aux_losses.values())))
+
+
+def test_aux_unimodal_sums_the_heads_losses_as_the_official_cen_loss():
+    g = torch.Generator().manual_seed(0)
+    heads = {m: torch.randn(6, 3, generator=g) for m in ("a", "b", "c")}
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    out = ModelOutput(logits=torch.zeros(6, 3), modality_logits=heads)
+    by_hand = [F.cross_entropy(v, y) for v in heads.values()]
+    summed = WeightedLoss([{"name": "aux-unimodal", "reduction": "sum"}])(out, y)[0]
+    mean = WeightedLoss([{"name": "aux-unimodal"}])(out, y)[0]
+    torch.testing.assert_close(summed, sum(by_hand))
+    torch.testing.assert_close(mean, sum(by_hand) / 3)  # the default is unchanged
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
+        WeightedLoss([{"name": "aux-unimodal", "reduction": "max"}])
