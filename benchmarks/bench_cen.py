@@ -84,6 +84,8 @@ def exchanged_table(store: Path, experiment: str) -> pd.DataFrame:
     rows = []
     for method, _, history in _histories(store, experiment):
         cols = [c for c in history.columns if "exchanged/" in c]
+        if not cols:  # a run without exchange (the no-exchange twin)
+            continue
         for epoch, group in history.groupby("epoch"):
             row: dict = {"method": method, "epoch": int(epoch)}
             for c in cols:
