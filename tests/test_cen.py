@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 
 from fuselab import create_fusion, fusion_info
@@ -278,3 +279,18 @@ def test_aux_unimodal_sums_the_heads_losses_as_the_official_cen_loss():
     torch.testing.assert_close(mean, sum(by_hand) / 3)  # the default is unchanged
     with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
         WeightedLoss([{"name": "aux-unimodal", "reduction": "max"}])
+
+
+def test_the_shipped_official_recipe_exchanges_in_every_stage_on_landsat(data_root, tmp_path):
+    from fuselab.experiments.spec import load_spec
+
+    planned = next(r for r in load_spec("cen-official").plan() if r.method == "cen" and r.seed == 0)
+    cfg = make_config(OmegaConf.to_container(planned.config), [f"data.data_root={data_root}", "data.fold=0",
+                                                               "train.threads=1"])
+    result = execute(cfg, tmp_path / "run")
+    assert result.metrics["test_kappa"] > 0.8, result.metrics  # chance is 0
+    last = result.history[-1]
+    owned = {k: v for k, v in last.items() if "exchanged_owned/" in k}
+    assert len(owned) == 3 * 2  # 3 stages x 2 dates
+    assert all(v >= 0.3 for v in owned.values()), owned  # the bar: >= 0.3 of the owned channels
+    assert all(v == 0.0 for k, v in result.history[0].items() if "exchanged_owned/" in k)  # none at the start
