@@ -34,7 +34,7 @@ QUICK = {
     "seeds": [0],
 }
 # long enough to be caught mid-training on a loaded machine; a state is saved after every epoch
-LONG = {**QUICK, "base": {**QUICK["base"], "train": {"epochs": 300, "batch_size": 64, "threads": 1,
+LONG = {**QUICK, "base": {**QUICK["base"], "train": {"epochs": 120, "batch_size": 64, "threads": 1,
                                                        "checkpoint_every": 0.0}}}
 
 
@@ -362,4 +362,34 @@ def test_a_model_too_large_for_memory_is_one_line_and_leaves_no_folder(tmp_path,
     code, _, err = _cli(capsys, "run", "data.views=[fou,kar]", "model.hidden=1000000000", "train.epochs=1",
                         "train.threads=1", "--out", str(tmp_path / "out"))
     assert code == 2 and "does not fit in memory" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def _bad_files(folder: Path) -> dict[str, Path]:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(60, 5)).astype("float32"), rng.normal(size=(60, 3)).astype("float32")
+    a[3, 2] = np.nan
+    files = {"nan": folder / "nan.npz", "npz": folder / "corrupt.npz", "pt": folder / "corrupt.pt",
+             "yaml": folder / "latin1.yaml"}
+    np.savez(files["nan"], a=a, b=b, y=rng.integers(0, 3, 60))
+    files["npz"].write_bytes(b"PK\x03\x04" + b"not a zip" * 20)
+    files["pt"].write_bytes(b"\x80\x02" + b"not a pickle" * 20)
+    files["yaml"].write_bytes("train:\n  epochs: 1  # première\n".encode("latin-1"))
+    return files
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("nan", "array 'a' in '{file}' has 1 NaN or infinite values"),
+    ("npz", "data.path '{file}' cannot be read as .npz"),
+    ("pt", "data.path '{file}' cannot be read as .pt (damaged, or holds more than tensors"),
+    ("yaml", "'{file}' is not UTF-8 text"),
+])
+def test_bad_data_and_config_files_are_one_line_naming_the_file(tmp_path, capsys, case, expected):
+    file = _bad_files(tmp_path)[case]
+    args = [str(file)] if case == "yaml" else [f"data.name=tensors", f"data.path={file}", "train.epochs=1"]
+    code, _, err = _cli(capsys, "run", *args, "--out", str(tmp_path / "out"))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert expected.format(file=file) in err
     assert not (tmp_path / "out").exists()

@@ -116,11 +116,14 @@ def run_cmd(
                 import shutil
 
                 shutil.rmtree(created, ignore_errors=True)
-            if isinstance(exc, (MemoryError, RuntimeError)) and _out_of_memory(exc):
-                from fuselab.train.config import ConfigError
+            from fuselab.train.config import ConfigError
+            from fuselab.train.loop import NonFiniteLossError
 
+            if isinstance(exc, (MemoryError, RuntimeError)) and _out_of_memory(exc):
                 raise ConfigError(f"the model does not fit in memory ({_first_line(exc)}); "
                                   "make it smaller (e.g. model.hidden) or lower train.batch_size") from None
+            if isinstance(exc, NonFiniteLossError):
+                raise ConfigError(_first_line(exc)) from None
             raise
         progress.update(task, total=len(result.history), completed=len(result.history))
     m = result.metrics
@@ -207,12 +210,19 @@ def compare_cmd(
             if o.status == "failed":
                 progress.console.print(f"[red]failed[/] {o.method} seed {o.seed}: {o.error}")
 
-        with _interrupts_as_keyboard_interrupt():
-            execute_plan(plan, st, jobs=jobs, on_outcome=on_outcome, plugins=sp.plugins, backend=backend,
-                         address=address, gpus_per_run=gpus_per_run)
+        try:
+            with _interrupts_as_keyboard_interrupt():
+                execute_plan(plan, st, jobs=jobs, on_outcome=on_outcome, plugins=sp.plugins, backend=backend,
+                             address=address, gpus_per_run=gpus_per_run)
+        except KeyboardInterrupt:  # typer would swallow it into a bare exit code
+            raise SweepInterrupted() from None
     console.print(f"{counts['done']} trained, {counts['cached']} already in the store, {counts['failed']} failed, "
                   f"{time.perf_counter() - start:.0f} s")
     _print_report(st.root, sp.name)
+
+
+class SweepInterrupted(Exception):
+    """A sweep stopped by Ctrl-C or SIGTERM, its runs marked interrupted (exit code 130)."""
 
 
 class _Interrupted(KeyboardInterrupt):
@@ -553,7 +563,7 @@ def main(argv: list[str] | None = None) -> None:
 
         load_entry_points()
         app(args=argv, prog_name="fuselab")
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the runs in progress are marked interrupted
+    except (KeyboardInterrupt, SweepInterrupted):  # Ctrl-C or SIGTERM: the runs in progress are marked interrupted
         errors.print("interrupted: runs in progress are marked interrupted; run the same command again to resume them",
                      markup=False, highlight=False)
         sys.exit(130)

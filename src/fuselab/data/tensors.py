@@ -21,11 +21,20 @@ FORMS = {2: "vector", 3: "tokens", 4: "map"}
 def _read(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(f"data.path '{path}' does not exist; give a .npz or .pt file with one array per modality and y")
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as f:
+                return {k: f[k] for k in f.files}
+        if path.suffix in (".pt", ".pth"):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a damaged file, or a .pt that is not plain tensors
+        import pickle
+
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, pickle.UnpicklingError):  # torch's advice to load it unsafely is not ours to give
+            first = "damaged, or holds more than tensors and plain types, which are all that is loaded"
+        raise ValueError(f"data.path '{path}' cannot be read as {path.suffix} ({first})") from None
     if path.suffix in (".pt", ".pth"):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(obj, dict):
             raise ValueError(f"data.path '{path}' must hold a dict of modality -> tensor and y")
         return {k: (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in obj.items()}
@@ -64,5 +73,8 @@ def tensors(
             raise ValueError(f"array '{m}' has {arrays[m].shape[0]} samples but '{label}' has {len(y)}")
         if arrays[m].ndim not in FORMS:
             raise ValueError(f"array '{m}' has shape {arrays[m].shape}; expected (N, D), (N, T, D) or (N, C, H, W)")
+        if np.issubdtype(arrays[m].dtype, np.floating) and not np.isfinite(arrays[m]).all():
+            bad = int((~np.isfinite(arrays[m])).sum())
+            raise ValueError(f"array '{m}' in '{path}' has {bad} NaN or infinite values; impute or drop them first")
     return bundle_from_arrays({m: arrays[m] for m in names}, y, seed=seed, test_fraction=test_fraction,
                               val_fraction=val_fraction, standardize_features=standardize_features)
