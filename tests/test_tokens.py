@@ -431,3 +431,83 @@ def test_token_scores_and_pooling_by_hand():
                                      pool.proj["b"][1].bias)], 1)
     q = pool.queries.expand(2, -1, -1)
     assert torch.allclose(pool(x), pool.attn(q, tokens, tokens).flatten(1), atol=1e-5)
+
+
+def test_bottleneck_leaves_a_dropped_samples_copy_out_of_its_mean():
+    layers = _blocks("abc", depth=3)
+    op = fuselab.create_fusion("bottleneck", layers=layers, n_bottlenecks=2).eval()
+    with torch.no_grad():
+        op.bottleneck.normal_()
+    x = {m: torch.randn(3, n, 8) for m, n in zip("abc", (3, 4, 5))}
+    out = op(x, keep={"b": torch.tensor([1.0, 0.0, 1.0]), "c": torch.tensor([1.0, 1.0, 0.0])})
+    full = _bottleneck_by_hand(layers, op.bottleneck, x)
+    assert all(torch.allclose(out[m][0], full[m][0], atol=1e-5) for m in "abc")  # sample 0 keeps all three
+    without_b = _bottleneck_by_hand(layers, op.bottleneck, {m: x[m] for m in "ac"})
+    assert all(torch.allclose(out[m][1], without_b[m][1], atol=1e-5) for m in "ac")  # sample 1: b dropped
+    without_c = _bottleneck_by_hand(layers, op.bottleneck, {m: x[m] for m in "ab"})
+    assert all(torch.allclose(out[m][2], without_c[m][2], atol=1e-5) for m in "ab")  # sample 2: c dropped
+    all_kept = op(x, keep={"b": torch.ones(3)})
+    assert all(torch.allclose(all_kept[m], full[m], atol=1e-5) for m in "abc")
+    assert all(torch.allclose(op(x, keep={"z": torch.zeros(3)})[m], full[m], atol=1e-5) for m in "abc")
+
+
+def _share_to_tail_by_hand(layer, joined, n):
+    q, k, _ = layer.project(joined)
+    attn = torch.softmax(q[:, :, :n] @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), -1)
+    return float(attn[..., n:].sum(-1).mean())
+
+
+def test_fusion_stats_are_the_attention_shares_by_hand():
+    layers = _blocks("ab", depth=3)
+    op = fuselab.create_fusion("bottleneck", layers=layers, n_bottlenecks=2).eval()
+    x = {"a": torch.randn(2, 3, 8), "b": torch.randn(2, 5, 8)}
+    z = op.bottleneck.expand(2, -1, -1)
+    xs, shares = dict(x), []
+    with torch.no_grad():
+        for i in range(3):
+            copies, block = [], []
+            for m in "ab":
+                joined = torch.cat([xs[m], z], 1)
+                block.append(_share_to_tail_by_hand(layers[m][i], joined, xs[m].shape[1]))
+                y = layers[m][i](joined)
+                xs[m], copies = y[:, : xs[m].shape[1]], copies + [y[:, xs[m].shape[1]:]]
+            shares.append(block)
+            z = sum(copies) / 2
+    stats = op.fusion_stats(x)
+    assert stats["initial_attention"] == pytest.approx(sum(shares[0]) / 2, rel=1e-5)
+    assert stats["cross_attention"] == pytest.approx(sum(shares[1] + shares[2]) / 4, rel=1e-5)
+    one = fuselab.create_fusion("bottleneck", layers=_blocks("ab", depth=1)).eval()
+    assert one.fusion_stats(x)["cross_attention"] == 0.0  # one block: the bottleneck carries nothing
+
+    joint = fuselab.create_fusion("joint-attention", layers=layers).eval()
+    xs, expected = dict(x), []
+    with torch.no_grad():
+        for i in range(3):
+            qkv = {m: layers[m][i].project(xs[m]) for m in "ab"}
+            k = torch.cat([qkv[m][1] for m in "ab"], 2)
+            v = torch.cat([qkv[m][2] for m in "ab"], 2)
+            start = 0
+            for m in "ab":
+                q = qkv[m][0]
+                attn = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), -1)
+                n = q.shape[2]
+                expected.append(float((1 - attn[..., start : start + n].sum(-1)).mean()))
+                start += n
+            xs = {m: layers[m][i].finish(xs[m], qkv[m][0], k, v) for m in "ab"}
+    assert joint.fusion_stats(x)["cross_attention"] == pytest.approx(sum(expected) / len(expected), rel=1e-5)
+
+
+def test_joint_attention_needs_transformer_blocks_with_equal_heads():
+    class ProjectOnly(torch.nn.Module):
+        dim, heads = 8, 2
+
+        def project(self, x):
+            return x
+
+    with pytest.raises(ValueError, match=r"^joint-attention: layers need project\(\) and finish\(\) "
+                                         r"\(fuselab.layers.TransformerBlock\); 'b' has a ProjectOnly$"):
+        fuselab.create_fusion("joint-attention", layers={"a": [TransformerBlock(dim=8, heads=2)], "b": [ProjectOnly()]})
+    layers = {"a": [TransformerBlock(dim=8, heads=2)], "b": [TransformerBlock(dim=8, heads=4)]}
+    with pytest.raises(ValueError, match=r"^joint-attention: every modality needs the same number of heads, "
+                                         r"got \{'a': 2, 'b': 4\}$"):
+        fuselab.create_fusion("joint-attention", layers=layers)
