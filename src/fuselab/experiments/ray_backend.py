@@ -71,6 +71,10 @@ def run_tasks(
     cpus: int,
 ) -> None:
     """Train ``(run id, method, seed, config)`` tasks on Ray; ``report(run_id, method, seed, status, metrics, error)``."""
+    import os
+
+    if not address:  # before Ray reads its configuration: a local instance always requires the user's token
+        os.environ["RAY_AUTH_MODE"] = "token"
     try:
         import ray
     except ImportError:
@@ -82,9 +86,12 @@ def run_tasks(
         if address:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         else:  # Ray binds to every interface: only a caller with this user's token may submit work
-            import os
+            try:  # Ray imported earlier in this process cached its configuration: read it again
+                from ray._raylet import Config
 
-            os.environ["RAY_AUTH_MODE"] = "token"
+                Config.initialize("")
+            except (ImportError, AttributeError):
+                pass
             ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:
         remote = ray.remote(num_cpus=threads, num_gpus=gpus_per_run, max_retries=0)(train_remote)
