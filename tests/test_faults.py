@@ -199,8 +199,9 @@ def test_a_live_owner_with_a_stale_heartbeat_loses_the_run_and_publishes_nothing
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("jobs", [1, 2])
-def test_ctrl_c_marks_runs_interrupted_prints_one_line_and_the_next_sweep_resumes(tmp_path, data_root, jobs):
+@pytest.mark.parametrize("jobs, how", [(1, "SIGINT to the group"), (2, "SIGINT to the group"),
+                                       (2, "SIGTERM to the parent")])
+def test_ctrl_c_marks_runs_interrupted_prints_one_line_and_the_next_sweep_resumes(tmp_path, data_root, jobs, how):
     store = Store(tmp_path / "store")
     spec_file = _spec_file(tmp_path, LONG)
     sweep = _compare(spec_file, store.root, jobs=jobs, start_new_session=True)
@@ -208,7 +209,10 @@ def test_ctrl_c_marks_runs_interrupted_prints_one_line_and_the_next_sweep_resume
         running = _wait_for(lambda: _training(store, jobs), what="runs training")
         workers = _workers(sweep.pid)
         start = time.monotonic()
-        os.killpg(sweep.pid, signal.SIGINT)  # what a terminal sends to the foreground group
+        if how == "SIGINT to the group":  # what a terminal sends to the foreground group on Ctrl-C
+            os.killpg(sweep.pid, signal.SIGINT)
+        else:  # what kill, systemd or a batch scheduler sends
+            os.kill(sweep.pid, signal.SIGTERM)
         out, err = sweep.communicate(timeout=60)
         took = time.monotonic() - start
     finally:

@@ -59,7 +59,9 @@ class _Heartbeat:
     """Refreshes a claim every ``interval`` seconds from a thread, independent of epoch length; sets
     ``lost`` when the claim is no longer ours."""
 
-    def __init__(self, store: Store, run_id: str, claim: str, interval: float = HEARTBEAT_SECONDS) -> None:
+    def __init__(self, store: Store, run_id: str, claim: str, interval: float | None = None) -> None:
+        if interval is None:  # a few beats per staleness limit, however short it is set
+            interval = min(HEARTBEAT_SECONDS, max(1.0, store.stale_seconds / 4))
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._args = (store, run_id, claim, interval)
