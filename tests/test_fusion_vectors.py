@@ -196,3 +196,69 @@ def test_mismatched_batch():
     f = fuselab.create_fusion("sum", dims={"a": 2, "b": 2})
     with pytest.raises(ValueError, match="same form and batch size"):
         f({"a": torch.randn(2, 2), "b": torch.randn(3, 2)})
+
+
+# --- options and their checks, operator by operator ------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [n for n, form in CASES if form == "vector"])
+@pytest.mark.parametrize("bad", [0, -3, True, 2.5])
+def test_every_merge_rejects_a_bad_out_dim(name, bad):
+    with pytest.raises(ValueError, match=rf"out_dim must be a positive integer or None, got {bad!r}$"):
+        fuselab.create_fusion(name, dims={"a": 3, "b": 4}, out_dim=bad)
+
+
+def test_asymmetric_merges_follow_order_and_target():
+    torch.manual_seed(0)
+    x = {"a": torch.randn(2, 3), "b": torch.randn(2, 4), "c": torch.randn(2, 5)}
+    film = fuselab.create_fusion("film", dims={"a": 3, "b": 4, "c": 5}, order=["b", "c", "a"])
+    assert film.target == "b" and film.context == ["a", "c"] and film.out_dim == 4
+    named = fuselab.create_fusion("film", dims={"a": 3, "b": 4, "c": 5}, target="c")
+    assert named.target == "c" and named.context == ["a", "b"] and named(x).shape == (2, 5)
+    with pytest.raises(ValueError, match=r"^film: target 'z' is not a modality; modalities are \['a', 'b', 'c'\]$"):
+        fuselab.create_fusion("film", dims={"a": 3, "b": 4, "c": 5}, target="z")
+    for name in ("film", "mi"):
+        with pytest.raises(ValueError, match=rf"^{name}: order \['a'\] must list each modality exactly once; "
+                                             r"modalities are \['a', 'b'\]$"):
+            fuselab.create_fusion(name, dims={"a": 3, "b": 4}, order=["a"])
+    mi = fuselab.create_fusion("mi", dims={"a": 3, "b": 4, "c": 5}, order=["c", "a", "b"])
+    assert mi.input == "c" and mi.context == ["a", "b"] and mi.in_proj.in_features == 5
+
+
+def _mi_by_hand(f, xs):
+    ms = [f.input, *f.context]
+    c = torch.cat([f.ctx_proj[m](xs[m]) for m in ms[1:]], -1)
+    x = xs[ms[0]] @ f.in_proj.weight.T + f.in_proj.bias
+    w = c @ f.weight_gen.weight.T + f.weight_gen.bias
+    return w * x + c @ f.bias_gen.weight.T + f.bias_gen.bias  # vector: (o) * (o); scalar: (1) * (o)
+
+
+@pytest.mark.parametrize("variant,gen", [("vector", 6), ("scalar", 1)])
+def test_multiplicative_interaction_diagonal_and_scalar_variants_by_hand(variant, gen):
+    torch.manual_seed(0)
+    f = fuselab.create_fusion("mi", dims={"a": 3, "b": 6}, variant=variant, proj_dim=5)
+    assert f.weight_gen.out_features == gen and f.in_proj.out_features == 6 == f.out_dim
+    x = {"a": torch.randn(4, 3), "b": torch.randn(4, 6)}
+    assert torch.allclose(f(x), _mi_by_hand(f, x), atol=1e-6)
+
+
+def test_multiplicative_interaction_initial_scale_and_option_checks():
+    torch.manual_seed(0)
+    assert fuselab.create_fusion("mi", dims={"a": 3, "b": 4}).proj_dim == 32  # the default
+    for variant, scale in (("matrix", 1 / 8 ** 0.5), ("vector", 1.0), ("scalar", 1.0)):
+        f = fuselab.create_fusion("mi", dims={"a": 30, "b": 40}, variant=variant, proj_dim=8)
+        bound = scale / f.weight_gen.in_features ** 0.5  # Linear's uniform bound, scaled by 1/sqrt(p) for matrix
+        w = f.weight_gen.weight.detach().abs().max().item()
+        assert 0.8 * bound < w <= bound, (variant, w, bound)
+    with pytest.raises(ValueError, match=r"^mi: variant must be 'matrix', 'vector' or 'scalar', got 'diag'$"):
+        fuselab.create_fusion("mi", dims={"a": 3, "b": 4}, variant="diag")
+
+
+def test_low_rank_and_bilinear_options():
+    assert fuselab.create_fusion("lmf", dims={"a": 3, "b": 4}, rank=1).rank == 1
+    with pytest.raises(ValueError, match=r"^lmf: rank must be positive, got 0$"):
+        fuselab.create_fusion("lmf", dims={"a": 3, "b": 4}, rank=0)
+    mlb = fuselab.create_fusion("mlb", dims={"a": 3, "b": 4})
+    assert mlb.proj["a"].out_features == 256 and mlb.out.in_features == 256  # the default mm_dim
+    gated = fuselab.create_fusion("gated", dims={"a": 3, "b": 4})
+    assert all(h.bias is None for h in gated.hidden.values())  # h_m = tanh(W_m x_m), no bias (GMU)
