@@ -511,3 +511,14 @@ def test_joint_attention_needs_transformer_blocks_with_equal_heads():
     with pytest.raises(ValueError, match=r"^joint-attention: every modality needs the same number of heads, "
                                          r"got \{'a': 2, 'b': 4\}$"):
         fuselab.create_fusion("joint-attention", layers=layers)
+
+
+def test_token_exchange_names_a_threshold_that_never_replaces_a_token():
+    from fuselab.fusion.tokens import TokenExchange
+
+    assert TokenExchange.fusion_problem({"threshold": 0}) == (
+        "exchange.threshold=0 never replaces a token (a score is never below it), so token-exchange carries nothing "
+        "between modalities; use a threshold above 0 (TokenFusion: 0.02)")
+    assert TokenExchange.fusion_problem({"threshold": -0.5}).startswith("exchange.threshold=-0.5 never replaces")
+    for options in ({}, {"threshold": 0.02}, {"threshold": 0.5}, {"threshold": 1e-9}, {"threshold": "${t}"}):
+        assert TokenExchange.fusion_problem(options) is None, options
