@@ -9,17 +9,20 @@ reproduces.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import fuselab
 from fuselab.layers import TransformerBlock
 
-FAST = settings(max_examples=10, deadline=None, derandomize=True, database=None,
+# Under mutation testing (mutmut sets MUTANT_UNDER_TEST) a failure needs no shrinking: report it at once.
+_PHASES = (Phase.explicit, Phase.reuse, Phase.generate) if "MUTANT_UNDER_TEST" in os.environ else tuple(Phase)
+FAST = settings(max_examples=10, deadline=None, derandomize=True, database=None, phases=_PHASES,
                 suppress_health_check=list(HealthCheck))
 NAMES = ["audio", "video", "depth", "text", "imu", "gaze"]
 
