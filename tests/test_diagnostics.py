@@ -3,6 +3,7 @@ the config's ``fusion_problem``, the report's fusion-check column)."""
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -189,11 +190,15 @@ def test_runs_record_diagnostics_and_the_report_marks_a_row_that_does_not_fuse(t
     assert '<td class="warn">control; ⚠ not fusing' in html
 
 
-def _small(data: dict) -> list[str]:
-    """Overrides that make a shipped spec's data small enough to build every model of it in a test."""
-    if data["name"] == "avmnist":
-        return ["data.train_size=20", "data.val_size=10", "data.test_size=10"]
-    return []
+def _small(config: dict) -> list[str]:
+    """Overrides that make a shipped spec's data and transformer widths small enough to build every model of
+    it in a test (the paths between modalities do not depend on sizes)."""
+    out = []
+    if config["data"]["name"] == "avmnist":
+        out += ["data.train_size=20", "data.val_size=10", "data.test_size=10"]
+    if config["model"]["name"] == "mbt":
+        out.append(f"model.width={8 * config['model'].get('heads', 4)}")
+    return out
 
 
 def _probe_ready(model: nn.Module) -> None:
@@ -210,7 +215,7 @@ def test_every_fusion_row_of_every_shipped_spec_has_a_cross_modal_path(data_root
     from fuselab.train.run import build_data, build_model
 
     monkeypatch.setenv("FUSELAB_DATA", str(data_root))
-    checked = 0
+    checked, bundles = 0, {}
     for name in sorted(shipped_specs()):
         spec = load_spec(name)
         seen = set()
@@ -219,8 +224,9 @@ def test_every_fusion_row_of_every_shipped_spec_has_a_cross_modal_path(data_root
                 continue
             seen.add(run.method)
             base = OmegaConf.to_container(run.config, resolve=True)
-            cfg = make_config(base, _small(base["data"]))
-            data = build_data(cfg)
+            cfg = make_config(base, _small(base))
+            key = json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True)
+            data = bundles[key] = bundles[key] if key in bundles else build_data(cfg)  # methods share their data
             if len(data.modalities) < 2:
                 continue  # a unimodal baseline
             torch.manual_seed(0)
