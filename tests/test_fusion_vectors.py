@@ -262,3 +262,30 @@ def test_low_rank_and_bilinear_options():
     assert mlb.proj["a"].out_features == 256 and mlb.out.in_features == 256  # the default mm_dim
     gated = fuselab.create_fusion("gated", dims={"a": 3, "b": 4})
     assert all(h.bias is None for h in gated.hidden.values())  # h_m = tanh(W_m x_m), no bias (GMU)
+
+
+@pytest.mark.parametrize("n,expected", [(2, 63), (3, 15), (4, 7), (5, 4), (6, 3), (9, 1)])
+def test_tfn_default_projection_is_the_largest_that_fits_4096_entries(n, expected):
+    f = fuselab.create_fusion("tfn", dims={f"m{i}": 100 for i in range(n)})
+    assert f.proj_dim == expected
+    assert (expected + 1) ** n <= 4096 < (expected + 2) ** n
+    assert f.out.in_features == (expected + 1) ** n
+
+
+def test_tfn_projection_is_capped_by_the_widest_input_and_checked():
+    assert fuselab.create_fusion("tfn", dims={"a": 5, "b": 6}).proj_dim == 6
+    assert fuselab.create_fusion("tfn", dims={"a": 1, "b": 1}).proj_dim == 1
+    assert fuselab.create_fusion("tfn", dims={"a": 5, "b": 6}, proj_dim=2).proj_dim == 2
+    with pytest.raises(ValueError, match=r"^tfn: proj_dim must be positive, got 0$"):
+        fuselab.create_fusion("tfn", dims={"a": 5, "b": 6}, proj_dim=0)
+
+
+def test_late_weights_option():
+    mean = fuselab.create_fusion("late", dims={"a": 3, "b": 2}, out_dim=4)
+    assert mean.alpha is None
+    learned = fuselab.create_fusion("late", dims={"a": 3, "b": 2, "c": 5}, out_dim=4, weights="learned")
+    assert isinstance(learned.alpha, torch.nn.Parameter) and torch.equal(learned.alpha.data, torch.zeros(3))
+    with pytest.raises(ValueError, match=r"^late: weights must be 'mean' or 'learned', got 'max'$"):
+        fuselab.create_fusion("late", dims={"a": 3, "b": 2}, out_dim=4, weights="max")
+    with pytest.raises(ValueError, match=r"^late: out_dim \(the number of classes\) is required$"):
+        fuselab.create_fusion("late", dims={"a": 3, "b": 2})
