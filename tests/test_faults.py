@@ -397,3 +397,31 @@ def test_bad_data_and_config_files_are_one_line_naming_the_file(tmp_path, capsys
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert expected.format(file=file) in err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_heartbeat_keeps_a_claim_fresh_through_an_epoch_longer_than_the_staleness_limit(tmp_path):
+    from fuselab.experiments.runner import _Heartbeat
+
+    store = Store(tmp_path / "store", stale_seconds=4.0)
+    store.init()
+    store.register_experiment("hb", {}, "a", "accuracy", [("r1", "a", 0, {"seed": 0})])
+    claim = store.claim("r1")
+    rival = Store(tmp_path / "store", stale_seconds=4.0)
+    beat = _Heartbeat(store, "r1", claim)  # a beat every second at this limit
+    try:
+        time.sleep(6.0)  # one "epoch" longer than the limit, without any epoch-end callback
+        assert rival.claim("r1") is None  # still fresh: nobody may take it over
+        assert not beat.lost.is_set()
+        with store.transaction() as conn:  # now the rival finds it stale (e.g. the process was stopped)
+            conn.execute("UPDATE runs SET heartbeat=0 WHERE id='r1'")
+        taken = rival.claim("r1")
+        assert taken is not None and taken != claim
+        deadline = time.monotonic() + 5
+        while not beat.lost.is_set() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert beat.lost.is_set()  # the old owner learns it lost the run ...
+        assert not store.finish("r1", {"test_accuracy": 0.0}, claim)  # ... and can no longer publish
+        assert not store.fail("r1", "late failure", claim)
+        assert store.status("r1") == "running" and store.finish("r1", {"test_accuracy": 1.0}, taken)
+    finally:
+        beat.stop()
