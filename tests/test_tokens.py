@@ -438,17 +438,21 @@ def test_bottleneck_leaves_a_dropped_samples_copy_out_of_its_mean():
     op = fuselab.create_fusion("bottleneck", layers=layers, n_bottlenecks=2).eval()
     with torch.no_grad():
         op.bottleneck.normal_()
-    x = {m: torch.randn(3, n, 8) for m, n in zip("abc", (3, 4, 5))}
-    out = op(x, keep={"b": torch.tensor([1.0, 0.0, 1.0]), "c": torch.tensor([1.0, 1.0, 0.0])})
+    x = {m: torch.randn(4, n, 8) for m, n in zip("abc", (3, 5, 6))}  # batch 4: not a token count, not M
+    masks = {"b": torch.tensor([1.0, 0.0, 1.0, 0.0]), "c": torch.tensor([1.0, 1.0, 0.0, 0.0])}
     full = _bottleneck_by_hand(layers, op.bottleneck, x)
-    assert all(torch.allclose(out[m][0], full[m][0], atol=1e-5) for m in "abc")  # sample 0 keeps all three
     without_b = _bottleneck_by_hand(layers, op.bottleneck, {m: x[m] for m in "ac"})
-    assert all(torch.allclose(out[m][1], without_b[m][1], atol=1e-5) for m in "ac")  # sample 1: b dropped
     without_c = _bottleneck_by_hand(layers, op.bottleneck, {m: x[m] for m in "ab"})
-    assert all(torch.allclose(out[m][2], without_c[m][2], atol=1e-5) for m in "ab")  # sample 2: c dropped
-    all_kept = op(x, keep={"b": torch.ones(3)})
+    only_a = _bottleneck_by_hand(layers, op.bottleneck, {"a": x["a"]})
+    for keep in (masks, {**masks, "a": torch.ones(4)}):  # a unnamed (kept), or named with ones
+        out = op(x, keep=keep)
+        assert all(torch.allclose(out[m][0], full[m][0], atol=1e-5) for m in "abc")  # sample 0 keeps all three
+        assert all(torch.allclose(out[m][1], without_b[m][1], atol=1e-5) for m in "ac")  # sample 1: b dropped
+        assert all(torch.allclose(out[m][2], without_c[m][2], atol=1e-5) for m in "ab")  # sample 2: c dropped
+        assert torch.allclose(out["a"][3], only_a["a"][3], atol=1e-5)  # sample 3: a's copy alone
+    all_kept = op(x, keep={"b": torch.ones(4)})
     assert all(torch.allclose(all_kept[m], full[m], atol=1e-5) for m in "abc")
-    assert all(torch.allclose(op(x, keep={"z": torch.zeros(3)})[m], full[m], atol=1e-5) for m in "abc")
+    assert all(torch.allclose(op(x, keep={"z": torch.zeros(4)})[m], full[m], atol=1e-5) for m in "abc")
 
 
 def _share_to_tail_by_hand(layer, joined, n):
@@ -459,7 +463,7 @@ def _share_to_tail_by_hand(layer, joined, n):
 
 def test_fusion_stats_are_the_attention_shares_by_hand():
     layers = _blocks("ab", depth=3)
-    op = fuselab.create_fusion("bottleneck", layers=layers, n_bottlenecks=2).eval()
+    op = fuselab.create_fusion("bottleneck", layers=layers, n_bottlenecks=3).eval()  # 3 tokens, 2 heads
     x = {"a": torch.randn(2, 3, 8), "b": torch.randn(2, 5, 8)}
     z = op.bottleneck.expand(2, -1, -1)
     xs, shares = dict(x), []
@@ -522,3 +526,19 @@ def test_token_exchange_names_a_threshold_that_never_replaces_a_token():
     assert TokenExchange.fusion_problem({"threshold": -0.5}).startswith("exchange.threshold=-0.5 never replaces")
     for options in ({}, {"threshold": 0.02}, {"threshold": 0.5}, {"threshold": 1e-9}, {"threshold": "${t}"}):
         assert TokenExchange.fusion_problem(options) is None, options
+
+
+def test_bottleneck_options_and_layer_checks():
+    op = fuselab.create_fusion("bottleneck", layers=_blocks())
+    assert op.n_bottlenecks == 4 and op.bottleneck.shape == (1, 4, 8)  # the default
+    assert fuselab.create_fusion("bottleneck", layers=_blocks(), n_bottlenecks=1).n_bottlenecks == 1
+    for bad in (0, -1, True, "2", 2.0):
+        with pytest.raises(ValueError, match=rf"^bottleneck: n_bottlenecks must be a positive integer, got {bad!r}$"):
+            fuselab.create_fusion("bottleneck", layers=_blocks(), n_bottlenecks=bad)
+    with pytest.raises(ValueError, match=r"^Bottleneck: layers must expose their token width as .dim "
+                                         r"\(fuselab.layers.TransformerBlock\); 'b' has a Linear$"):
+        fuselab.create_fusion("bottleneck", layers={"a": [TransformerBlock(dim=8, heads=2)], "b": [torch.nn.Linear(8, 8)]})
+    mixed = {"a": [TransformerBlock(dim=8, heads=2), TransformerBlock(dim=4, heads=2)],
+             "b": [TransformerBlock(dim=8, heads=2), TransformerBlock(dim=8, heads=2)]}
+    with pytest.raises(ValueError, match=r"^JointAttention: the layers of 'a' have different widths$"):
+        fuselab.create_fusion("joint-attention", layers=mixed)
