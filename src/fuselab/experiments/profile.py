@@ -6,13 +6,16 @@ been planned there, so matched widths and tuned values are included, else from t
 * ``params``: trainable and frozen parameters;
 * ``flops``: forward FLOPs per sample (``torch.utils.flop_counter``, SDPA attention counted);
 * ``latency_b1_ms``, ``latency_b64_ms``: median wall time of one forward pass in eval mode without
-  gradients, after warm-up, at batch 1 and 64 (inputs from the training split);
+  gradients, after warm-up, at batch 1 and 64 (inputs from the training split), with the first and third
+  quartiles over the repetitions (``latency_b1_ms_q1``, ``latency_b1_ms_q3``, ...): a wide interquartile
+  range means the machine was busy, and :func:`spread_warnings` says so;
 * ``peak_mem_mb``: on CUDA the maximum memory allocated while the model is built and runs a batch of 64;
   on the CPU the growth of the process's peak resident set over the same steps (``VmHWM`` after resetting
   it through ``/proc/self/clear_refs``, freed heap returned to the system first).
 
-``fuselab profile SPEC`` writes ``<store>/<experiment>/profile/profile.{csv,md}``; the comparison report
-adds these columns to its table and CSV when the file is there.
+``fuselab profile SPEC --store STORE`` writes ``<store>/<experiment>/profile/profile.{csv,md}`` (the same
+store as ``fuselab compare``, whose report adds these columns, latency with its interquartile range, to its
+table and CSV when the file is there); the Markdown says when the store does not hold the experiment yet.
 """
 
 from __future__ import annotations
@@ -32,7 +35,10 @@ import torch
 from torch import nn
 
 COLUMNS = ("params", "flops", "latency_b1_ms", "latency_b64_ms", "peak_mem_mb")
+SPREAD_COLUMNS = ("latency_b1_ms_q1", "latency_b1_ms_q3", "latency_b64_ms_q1", "latency_b64_ms_q3")
 BATCHES = (1, 64)
+# interquartile range over median above which a latency is reported as unsteady (the machine was busy)
+SPREAD_LIMIT = 0.25
 
 
 @dataclasses.dataclass
@@ -44,6 +50,10 @@ class MethodProfile:
     latency_b64_ms: float
     peak_mem_mb: float
     device: str
+    latency_b1_ms_q1: float = float("nan")  # quartiles over the repetitions
+    latency_b1_ms_q3: float = float("nan")
+    latency_b64_ms_q1: float = float("nan")
+    latency_b64_ms_q3: float = float("nan")
 
 
 def module_flops(module: nn.Module, *args: Any, **kwargs: Any) -> int:
@@ -68,8 +78,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_latency(fn: Callable[[], Any], device: torch.device, *, warmup: int = 10, repeat: int = 50) -> float:
-    """Median seconds of ``fn()`` over ``repeat`` calls after ``warmup`` calls."""
+def latency_times(fn: Callable[[], Any], device: torch.device, *, warmup: int = 10, repeat: int = 50) -> list[float]:
+    """Seconds of each of ``repeat`` calls of ``fn()`` after ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -79,7 +89,27 @@ def median_latency(fn: Callable[[], Any], device: torch.device, *, warmup: int =
         fn()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def quartiles(times: Sequence[float]) -> tuple[float, float, float]:
+    """``(q1, median, q3)`` of ``times`` (linear interpolation, as ``numpy.percentile``); one time is all three."""
+    ordered = sorted(float(t) for t in times)
+    if not ordered:
+        raise ValueError("no times to summarise")
+
+    def at(q: float) -> float:
+        pos = q * (len(ordered) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(ordered) - 1)
+        return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+    return at(0.25), at(0.5), at(0.75)
+
+
+def median_latency(fn: Callable[[], Any], device: torch.device, *, warmup: int = 10, repeat: int = 50) -> float:
+    """Median seconds of ``fn()`` over ``repeat`` calls after ``warmup`` calls."""
+    return statistics.median(latency_times(fn, device, warmup=warmup, repeat=repeat))
 
 
 def _rss_kib(field: str) -> int | None:
@@ -165,11 +195,14 @@ def profile_config(cfg: Any, data: Any, *, device: torch.device, method: str = "
         peak = peak_memory(build_and_run, device)
         model = build_model(cfg, data).to(device).eval()
     params = count_parameters(model)
-    latencies = {}
+    latencies = {}  # batch -> (q1, median, q3) in ms
     with torch.no_grad():
         for b in BATCHES:
-            latencies[b] = median_latency(lambda b=b: model(inputs[b]), device, warmup=warmup, repeat=repeat)
-    return MethodProfile(method, params, flops, latencies[1] * 1e3, latencies[64] * 1e3, peak / 2**20, str(device))
+            times = latency_times(lambda b=b: model(inputs[b]), device, warmup=warmup, repeat=repeat)
+            latencies[b] = tuple(t * 1e3 for t in quartiles(times))
+    return MethodProfile(method, params, flops, latencies[1][1], latencies[64][1], peak / 2**20, str(device),
+                         latency_b1_ms_q1=latencies[1][0], latency_b1_ms_q3=latencies[1][2],
+                         latency_b64_ms_q1=latencies[64][0], latency_b64_ms_q3=latencies[64][2])
 
 
 def method_configs(spec: Any, store: str | Path | None = None) -> dict[str, Any]:
@@ -234,7 +267,7 @@ def profile_spec(spec: Any, *, store: str | Path | None = None, device: str = "a
         rows.append(dataclasses.asdict(prof))
         if on_method is not None:
             on_method(prof)
-    frame = pd.DataFrame(rows, columns=["method", *COLUMNS, "device"])
+    frame = pd.DataFrame(rows, columns=["method", *COLUMNS, *SPREAD_COLUMNS, "device"])
     frame.attrs.update(threads=torch.get_num_threads(), device=str(dev), warmup=warmup, repeat=repeat)
     return frame
 
@@ -243,13 +276,60 @@ def profile_dir(store: str | Path, experiment: str) -> Path:
     return Path(store) / experiment / "profile"
 
 
-def to_markdown(frame: pd.DataFrame, caption: str = "") -> str:
+def spread_warnings(frame: pd.DataFrame, limit: float = SPREAD_LIMIT) -> list[str]:
+    """One line per method and batch size whose latency's interquartile range exceeds ``limit`` times its
+    median: the repetitions disagree, so the median is not a figure to compare methods by."""
+    out = []
+    for r in frame.to_dict("records"):
+        for b in BATCHES:
+            median = r.get(f"latency_b{b}_ms")
+            q1, q3 = r.get(f"latency_b{b}_ms_q1"), r.get(f"latency_b{b}_ms_q3")
+            if median is None or q1 is None or q3 is None or not median > 0 or (q3 - q1) != (q3 - q1):
+                continue
+            if (q3 - q1) / median > limit:
+                out.append(f"{r['method']}: latency at batch {b} is unsteady, interquartile range "
+                           f"{q1:.3f}–{q3:.3f} ms around a median of {median:.3f} ms "
+                           f"({(q3 - q1) / median * 100:.0f} % of it, above {limit * 100:.0f} %); the machine was "
+                           "probably busy: profile again on an idle machine, or with a larger --repeat")
+    return out
+
+
+def _latency_cell(r: Any, batch: int) -> str:
+    median = getattr(r, f"latency_b{batch}_ms")
+    q1, q3 = getattr(r, f"latency_b{batch}_ms_q1", float("nan")), getattr(r, f"latency_b{batch}_ms_q3", float("nan"))
+    return f"{median:.3f}" if q1 != q1 or q3 != q3 else f"{median:.3f} [{q1:.3f}–{q3:.3f}]"
+
+
+def to_markdown(frame: pd.DataFrame, caption: str = "", notes: Sequence[str] = ()) -> str:
+    """The profile as a Markdown table; latency cells read ``median [q1–q3]``; unsteady latencies
+    (:func:`spread_warnings`) and the ``notes`` follow the table."""
     head = ["Method", "Params", "FLOPs / sample", "Latency b1 (ms)", "Latency b64 (ms)", "Peak memory (MB)"]
     lines = ([caption, ""] if caption else []) + ["| " + " | ".join(head) + " |", "|:---|" + "---:|" * (len(head) - 1)]
     for r in frame.itertuples(index=False):
-        lines.append(f"| {r.method} | {int(r.params):,} | {human(r.flops)} | {r.latency_b1_ms:.3f} | "
-                     f"{r.latency_b64_ms:.3f} | {r.peak_mem_mb:.2f} |")
+        lines.append(f"| {r.method} | {int(r.params):,} | {human(r.flops)} | {_latency_cell(r, 1)} | "
+                     f"{_latency_cell(r, 64)} | {r.peak_mem_mb:.2f} |")
+    extra = [f"⚠ {line}" for line in spread_warnings(frame)] + list(notes)
+    if extra:
+        lines += [""] + [f"- {line}" for line in extra]
     return "\n".join(lines) + "\n"
+
+
+def store_note(store: str | Path, experiment: str) -> str:
+    """A line when ``store`` does not hold ``experiment`` (its report cannot show the profile), else ``""``."""
+    from fuselab.experiments.store import Store
+
+    st = Store(store)
+    held = False
+    if st.exists():
+        try:
+            held = bool(st.experiment_runs(experiment))
+        except Exception:  # noqa: BLE001 - an unknown experiment: not held
+            held = False
+    if held:
+        return ""
+    return (f"the store '{store}' holds no experiment '{experiment}' yet: profiled from the spec; the report "
+            f"shows these columns once `fuselab compare` has run with the same --store (or profile again with "
+            f"--store set to the folder where the experiment is)")
 
 
 def human(value: float) -> str:
@@ -267,11 +347,12 @@ def write_profile(frame: pd.DataFrame, store: str | Path, experiment: str) -> di
     out.mkdir(parents=True, exist_ok=True)
     a = frame.attrs
     caption = (f"{experiment}: cost per method on {a.get('device', '?')} ({a.get('threads', '?')} torch threads); "
-               f"latency = median of {a.get('repeat', '?')} forward passes after {a.get('warmup', '?')} warm-up, "
-               "eval mode, no gradients")
+               f"latency = median [interquartile range] of {a.get('repeat', '?')} forward passes after "
+               f"{a.get('warmup', '?')} warm-up, eval mode, no gradients")
     files = {"csv": out / "profile.csv", "markdown": out / "profile.md"}
     frame.to_csv(files["csv"], index=False)
-    files["markdown"].write_text(to_markdown(frame, caption), encoding="utf-8")
+    note = store_note(store, experiment)
+    files["markdown"].write_text(to_markdown(frame, caption, notes=[note] if note else []), encoding="utf-8")
     return files
 
 

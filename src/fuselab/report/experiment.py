@@ -2,7 +2,9 @@
 
 ``results.{md,tex,csv}`` (the table), ``report.md`` (table, plots and figure with headings),
 ``plots/*.{png,pdf}``, ``network.{svg,pdf}`` (the baseline's model) and ``report.html`` (all of it in one
-self-contained file). With ``lang="zh"`` the Markdown and HTML files carry Chinese headings and captions
+self-contained file). What the tables leave out (pending, running, failed, interrupted runs and methods with
+fewer seeds than planned) is stated above each table (Markdown, HTML) and in the LaTeX table's comments and
+note. With ``lang="zh"`` the Markdown and HTML files carry Chinese headings and captions
 and are written as ``*.zh.md`` / ``report.zh.html``; LaTeX and CSV stay English.
 """
 
@@ -19,7 +21,7 @@ import pandas as pd
 from fuselab.experiments.results import comparison_frame
 from fuselab.experiments.store import Store
 from fuselab.report.figure import draw_config
-from fuselab.report.i18n import check_lang, text
+from fuselab.report.i18n import check_lang, column_heading, has_text, text
 from fuselab.report.plots import method_flops, spec_methods, write_plots
 from fuselab.report.tables import summarize, to_csv, to_latex, to_markdown
 from fuselab.train.config import ConfigError
@@ -31,15 +33,72 @@ class Report:
     markdown: str
     files: dict[str, Path]
     failed: int
+    missing: list[str] = dataclasses.field(default_factory=list)  # what the tables leave out, one line each
 
 
-def _caption(experiment: str, spec: dict, seeds: list[int], lang: str = "en") -> str:
+def _caption(experiment: str, spec: dict, seeds: list[int], lang: str = "en",
+             metrics: tuple[str, ...] = ("accuracy", "macro_f1")) -> str:
+    """The table's caption: the spec's ``description`` (its name when it has none), the metrics, the data,
+    the seeds and the budget. With one seed it says there is no std instead of promising one."""
     base = spec.get("base") or {}
     data = (base.get("data") or {}).get("name", "mfeat")
     epochs = (base.get("train") or {}).get("epochs")
     budget = text("budget_epochs", lang, epochs=epochs) if epochs else text("budget_equal", lang)
     budget += _fairness_mode(spec, lang)
-    return text("caption", lang, experiment=experiment, data=data, n=len(seeds), seeds=", ".join(map(str, seeds)), budget=budget)
+    title = " ".join(str(spec.get("description") or "").split()).rstrip(".") or experiment
+    names = [text(f"metric_{m}", lang) if has_text(f"metric_{m}") else m.replace("_", " ") for m in metrics]
+    joined = names[0] if len(names) == 1 else ", ".join(names[:-1]) + text("and", lang) + names[-1]
+    shown = ", ".join(map(str, seeds))
+    stat = (text("caption_one_seed", lang, seeds=shown) if len(seeds) == 1
+            else text("caption_stat", lang, n=len(seeds), seeds=shown))
+    return text("caption", lang, title=title, metrics=joined, data=data, stat=stat, budget=budget)
+
+
+def missing_lines(store: str | Path, experiment: str, runs: list[dict], frame: pd.DataFrame,
+                  lang: str = "en") -> list[str]:
+    """What the tables of an experiment leave out, as lines to show above them (empty when complete).
+
+    Args:
+        store: the store folder (named in the command that finishes the runs).
+        experiment: the experiment's name.
+        runs: its runs as ``Store.experiment_runs`` lists them (``method``, ``seed``, ``status``).
+        frame: the finished runs the tables are built from (``method``, ``seed``).
+        lang: ``en`` or ``zh``.
+
+    Returns:
+        Up to three lines: how many runs are not in the table, by status with their method and seed;
+        the methods with fewer finished seeds than planned (those with none are left out of the table);
+        the command that trains what is missing.
+    """
+    from fuselab.experiments.spec import shipped_specs
+
+    sep = "；" if lang == "zh" else "; "
+    absent = [r for r in runs if r["status"] != "done"]
+    lines = []
+    if absent:
+        details = []
+        for status in ("pending", "running", "failed", "interrupted", "missing"):
+            these = sorted((str(r["method"]), int(r["seed"])) for r in absent if r["status"] == status)
+            if these:
+                listed = ", ".join(text("missing_run", lang, method=m, seed=s) for m, s in these)
+                details.append(text("missing_runs", lang, status=text(f"missing_{status}", lang, n=len(these)),
+                                    runs=listed))
+        lines.append(text("missing_head", lang, k=len(absent), n=len(runs), details=sep.join(details)))
+    planned: dict[str, set[int]] = {}
+    for r in runs:
+        planned.setdefault(str(r["method"]), set()).add(int(r["seed"]))
+    items = []
+    for method, seeds in planned.items():
+        done = int(frame.loc[frame["method"] == method, "seed"].nunique()) if len(frame) else 0
+        if done < len(seeds):
+            item = text("missing_seed_item", lang, method=method, done=done, planned=len(seeds))
+            items.append(item + (text("missing_left_out", lang) if done == 0 else ""))
+    if items:
+        lines.append(text("missing_seeds", lang, items=(sep if lang == "zh" else ", ").join(items)))
+    if lines:
+        spec = experiment if experiment in shipped_specs() else "SPEC.yaml"
+        lines.append(text("missing_fix", lang, spec=spec, store=store))
+    return lines
 
 
 _MODES = {
@@ -66,18 +125,20 @@ def _localize_markdown(markdown: str, lang: str, baseline: str, n: int, alpha: s
     if lang == "en":
         return markdown
     lines = markdown.split("\n")
-    heads = {"Method": text("col_method", lang), "Seeds": text("col_seeds", lang), "Params": text("col_params", lang),
-             "vs. baseline": text("col_vs", lang), "Accuracy (%)": f"{text('Accuracy', lang)} (%)",
-             "Macro-F1 (%)": f"{text('Macro-F1', lang)} (%)", "Δ Accuracy (pp)": f"Δ {text('Accuracy', lang)} (pp)",
-             "Δ Macro-F1 (pp)": f"Δ {text('Macro-F1', lang)} (pp)", "Fusion check": text("col_fusion_check", lang)}
     out = []
-    for i, line in enumerate(lines):
-        if i == 2 and line.startswith("| "):
-            line = "| " + " | ".join(heads.get(c, c) for c in line[2:-2].split(" | ")) + " |"
-        elif line.startswith("| ") and line.endswith(" | (baseline) |"):
-            line = line[: -len("(baseline) |")] + text("baseline_mark", lang) + " |"
+    header_done = False
+    for line in lines:
+        if not header_done and line.startswith("| "):
+            header_done = True
+            line = "| " + " | ".join(column_heading(c, lang) for c in line[2:-2].split(" | ")) + " |"
+        elif line.startswith("| ") and " | (baseline) |" in line:  # the mark's column, wherever it is
+            line = line.replace(" | (baseline) |", f" | {text('baseline_mark', lang)} |", 1)
         elif line.startswith("Values:"):
             line = text("md_values", lang, baseline=baseline)
+        elif line.startswith("n = 1:"):
+            line = text("one_seed_note", lang)
+        elif line.startswith("Latency: median"):
+            line = text("latency_note", lang)
         elif line.startswith("▲/▼:"):
             line = text("md_marks", lang, alpha=alpha, n=n)
         out.append(line)
@@ -105,7 +166,8 @@ def _with_profile(summary: pd.DataFrame, store: str | Path, experiment: str) -> 
     attrs = dict(summary.attrs)
     by_method = profile.drop_duplicates("method").set_index("method")
     out = summary.copy()
-    for col in ("flops", "latency_b1_ms", "latency_b64_ms", "peak_mem_mb"):
+    for col in ("flops", "latency_b1_ms", "latency_b64_ms", "peak_mem_mb", "latency_b1_ms_q1", "latency_b1_ms_q3",
+                "latency_b64_ms_q1", "latency_b64_ms_q3"):
         if col not in by_method:
             continue
         values = out["method"].map(by_method[col])
@@ -161,12 +223,15 @@ def build_report(store: str | Path, experiment: str, *, lang: str = "en", plots:
     summary = summarize(frame, baseline=info["baseline"], metrics=metrics, primary=info["metric"])
     summary = _with_profile(summary, store, experiment)
     seeds = sorted(frame["seed"].unique().tolist())
-    caption = _caption(experiment, info["spec"], seeds)
+    caption = _caption(experiment, info["spec"], seeds, metrics=metrics)
+    local_caption = _caption(experiment, info["spec"], seeds, lang, metrics=metrics)
+    missing = missing_lines(store, experiment, runs, frame, lang)
     n_compared = int((summary["method"] != info["baseline"]).sum())
     alpha = f"{summary.attrs.get('alpha', 0.05):g}"
-    markdown = _localize_markdown(to_markdown(summary, caption=_caption(experiment, info["spec"], seeds, lang)),
+    markdown = _localize_markdown(to_markdown(summary, caption=local_caption, missing=missing),
                                   lang, info["baseline"], n_compared, alpha)
-    latex = to_latex(summary, caption=caption, label=f"tab:{experiment}")
+    latex = to_latex(summary, caption=caption, label=f"tab:{experiment}",
+                     missing=missing if lang == "en" else missing_lines(store, experiment, runs, frame))
     out = st.report_dir(experiment)
     out.mkdir(parents=True, exist_ok=True)
     suffix = "" if lang == "en" else f".{lang}"
@@ -220,8 +285,8 @@ def build_report(store: str | Path, experiment: str, *, lang: str = "en", plots:
         when = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
         page = render_html(
             title=text("report_title", lang, experiment=experiment), lang=lang,
-            table_html=summary_table_html(summary, caption=_caption(experiment, info["spec"], seeds, lang), lang=lang,
-                                          flops=flops_by_method or None),
+            table_html=summary_table_html(summary, caption=local_caption, lang=lang,
+                                          flops=flops_by_method or None, missing=missing),
             plots=written_plots, figure=network, figure_caption=figure_caption,
             robustness=(robust_html, robust_files.get("plot:robustness_modalities")) if robust_html else None,
             base_config=base_config, seed=int(base_runs["seed"].iloc[0]),
@@ -232,7 +297,7 @@ def build_report(store: str | Path, experiment: str, *, lang: str = "en", plots:
         )
         files["html"] = out / f"report{suffix}.html"
         files["html"].write_text(page, encoding="utf-8")
-    return Report(summary=summary, markdown=markdown, files=files, failed=len(failed_runs))
+    return Report(summary=summary, markdown=markdown, files=files, failed=len(failed_runs), missing=missing)
 
 
 def _version() -> str:

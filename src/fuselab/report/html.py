@@ -13,13 +13,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from fuselab.report.fusion_check import fusion_note
-from fuselab.report.i18n import text
-from fuselab.report.plots import _human
-from fuselab.report.tables import DOWN_MARK, UP_MARK
+from fuselab.report import tables
+from fuselab.report.i18n import column_heading, text
+from fuselab.report.tables import DOWN_MARK, ONE_SEED, UP_MARK, table_header
 
 __all__ = ["render_html", "summary_table_html"]
 
@@ -56,35 +55,34 @@ def _pct(value: float) -> str:
 
 
 def summary_table_html(summary: pd.DataFrame, *, caption: str, lang: str = "en",
-                       flops: Mapping[str, float] | None = None) -> str:
-    """The comparison table: mean ± std (%) per metric, best bold, second underlined, marks vs. the baseline."""
+                       flops: Mapping[str, float] | None = None, missing: Sequence[str] = ()) -> str:
+    """The comparison table with the Markdown table's columns (:func:`fuselab.report.tables.table_header`):
+    mean ± std (%) per metric and its ±CI, parameters, the cost columns (FLOPs, latency with its spread,
+    memory), Δ, the marks against the baseline and the fusion check; best bold, second underlined, a method
+    with one seed ``mean (n = 1)``. ``flops`` fills FLOPs the summary lacks; ``missing`` lines (what the
+    table leaves out) come first, in a warning paragraph above the table."""
+    if flops:
+        summary = summary.copy()
+        counted = summary["method"].map(lambda m: flops.get(m, math.nan)).astype(float)
+        summary["flops"] = summary["flops"].fillna(counted) if "flops" in summary else counted
     metrics = list(summary.attrs.get("metrics") or ["accuracy"])
     baseline = summary.attrs.get("baseline", summary["method"].iloc[0])
-    labels = {"accuracy": text("Accuracy", lang), "macro_f1": text("Macro-F1", lang)}
-    head = [text("col_method", lang), text("col_seeds", lang)]
-    head += [f"{labels.get(m, m)} (%)" for m in metrics]
-    head += [text("col_params", lang)] + ([text("col_flops", lang)] if flops else [])
-    head += ["Δ (pp)", text("col_vs", lang)]
-    check = "fusion_check" in summary.columns and bool(summary["fusion_check"].fillna("").astype(bool).any())
-    if check:
-        head.append(text("col_fusion_check", lang))
-    ranks = {}
-    for m in metrics:
-        shown = np.round(summary[f"{m}_mean"].to_numpy(dtype=float) * 100, 2)
-        distinct = sorted({v for v in shown if not np.isnan(v)}, reverse=True)
-        ranks[m] = [distinct.index(v) + 1 if not np.isnan(v) else 0 for v in shown]
+    head = [column_heading(h, lang) for h in table_header(summary, metrics=metrics)]
+    costs = tables._cost_columns(summary)
+    check = tables._has_fusion_check(summary)
+    ranks = {m: tables._ranks(summary[f"{m}_mean"].to_numpy(dtype=float) * 100, 2) for m in metrics}
     rows = []
     for i, r in enumerate(summary.to_dict("records")):
         is_base = r["method"] == baseline
         cells = [f"<td>{_esc(r['method'])}</td>", f"<td>{int(r['n_seeds'])}</td>"]
         for m in metrics:
-            cls = {1: ' class="best"', 2: ' class="second"'}.get(ranks[m][i], "")
-            cells.append(f"<td{cls}>{_pct(r[f'{m}_mean'])} ± {_pct(r[f'{m}_std'])}</td>")
-        params = r.get("params", math.nan)
-        cells.append(f"<td>{'–' if math.isnan(params) else f'{int(round(params)):,}'}</td>")
-        if flops:
-            value = flops.get(r["method"])
-            cells.append(f"<td>{'–' if value is None else _human(value)}</td>")
+            cls = {1: ' class="best"', 2: ' class="second"'}.get(int(ranks[m][i]), "")
+            spread = f"({ONE_SEED})" if int(r["n_seeds"]) == 1 else f"± {_pct(r[f'{m}_std'])}"
+            cells.append(f"<td{cls}>{_pct(r[f'{m}_mean'])} {spread}</td>")
+            ci = r[f"{m}_ci"]
+            cells.append(f"<td>{'–' if ci is None or math.isnan(ci) else f'±{ci * 100:.2f}'}</td>")
+        cells.append(f"<td>{_esc(tables._fmt_params(r.get('params', math.nan)))}</td>")
+        cells += [f"<td>{_esc(tables._fmt_cost_cell(r, col, kind))}</td>" for col, _, kind in costs]
         delta = "–" if is_base else f"{r['delta'] * 100:+.2f}"
         cells.append(f"<td>{delta}</td>")
         if is_base:
@@ -102,10 +100,15 @@ def summary_table_html(summary: pd.DataFrame, *, caption: str, lang: str = "en",
         rows.append(f'<tr{" class=baseline" if is_base else ""}>{"".join(cells)}</tr>')
     n = int((summary["method"] != baseline).sum())
     notes = [text("md_values", lang, baseline=baseline), text("md_marks", lang, alpha=f"{summary.attrs.get('alpha', 0.05):g}", n=n)]
+    if tables._has_one_seed(summary):
+        notes.append(text("one_seed_note", lang))
+    if tables._has_latency_spread(summary, costs):
+        notes.append(text("latency_note", lang))
     if check:
         notes.append(fusion_note(summary))
+    warning = "".join(f'<p class="warn incomplete">{_esc(line)}</p>' for line in missing)
     return (
-        f'<table id="results"><caption>{_esc(caption)}</caption>\n<thead><tr>'
+        warning + f'<table id="results"><caption>{_esc(caption)}</caption>\n<thead><tr>'
         + "".join(f"<th>{_esc(h)}</th>" for h in head)
         + "</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody></table>\n"
         + "".join(f'<p class="note">{_esc(n_)}</p>' for n_ in notes)

@@ -22,8 +22,46 @@ _TEXT: dict[str, dict[str, str]] = {
     "methods_overrides": {"en": "Methods and their overrides", "zh": "各方法及其覆盖参数"},
     "spec": {"en": "Experiment spec", "zh": "实验设置文件"},
     "caption": {
-        "en": "{experiment}: test accuracy and macro-F1 (%) on {data}, mean ± std over {n} seeds ({seeds}); budget: {budget}",
-        "zh": "{experiment}：{data} 上的测试准确率与宏平均 F1（%），{n} 个随机种子（{seeds}）的均值 ± 标准差；训练预算：{budget}",
+        "en": "{title}: test {metrics} (%) on {data}, {stat}; budget: {budget}",
+        "zh": "{title}：{data} 上的测试{metrics}（%），{stat}；训练预算：{budget}",
+    },
+    "caption_stat": {"en": "mean ± std over {n} seeds ({seeds})", "zh": "{n} 个随机种子（{seeds}）的均值 ± 标准差"},
+    "caption_one_seed": {"en": "one seed ({seeds}), so no std", "zh": "单个随机种子（{seeds}），无标准差"},
+    "and": {"en": " and ", "zh": "与"},
+    "metric_accuracy": {"en": "accuracy", "zh": "准确率"},
+    "metric_macro_f1": {"en": "macro-F1", "zh": "宏平均 F1"},
+    "metric_kappa": {"en": "Cohen's kappa", "zh": "Kappa 系数"},
+    "metric_f1_change": {"en": "F1 of the change class", "zh": "变化类 F1"},
+    "metric_miou": {"en": "mIoU", "zh": "mIoU"},
+    "one_seed_note": {
+        "en": "n = 1: a single seed, so no std or CI is shown (not a zero variance).",
+        "zh": "n = 1：只有一个随机种子，因此不显示标准差与置信区间（并非方差为零）。",
+    },
+    "latency_note": {
+        "en": "Latency: median over repeated forward passes [interquartile range].",
+        "zh": "延迟：多次前向传播的中位数 [四分位距]。",
+    },
+    # what a report leaves out, stated above its table
+    "missing_head": {
+        "en": "Incomplete: {k} of {n} runs are not in this table: {details}.",
+        "zh": "结果不完整：{n} 个运行中有 {k} 个不在此表中：{details}。",
+    },
+    "missing_pending": {"en": "{n} pending", "zh": "{n} 个待运行"},
+    "missing_running": {"en": "{n} running", "zh": "{n} 个运行中"},
+    "missing_failed": {"en": "{n} failed", "zh": "{n} 个失败"},
+    "missing_interrupted": {"en": "{n} interrupted", "zh": "{n} 个被中断"},
+    "missing_missing": {"en": "{n} done but without their folder", "zh": "{n} 个已完成但文件夹缺失"},
+    "missing_runs": {"en": "{status} ({runs})", "zh": "{status}（{runs}）"},
+    "missing_run": {"en": "{method} seed {seed}", "zh": "{method} 种子 {seed}"},
+    "missing_seeds": {
+        "en": "Methods with fewer seeds than the spec: {items}.",
+        "zh": "种子数少于实验设置的方法：{items}。",
+    },
+    "missing_seed_item": {"en": "{method} {done} of {planned}", "zh": "{method} {planned} 个中的 {done} 个"},
+    "missing_left_out": {"en": " (left out of the table)", "zh": "（未列入表中）"},
+    "missing_fix": {
+        "en": "`fuselab compare {spec} --store {store}` trains what is missing (failed and interrupted runs are retried).",
+        "zh": "`fuselab compare {spec} --store {store}` 会补完缺少的运行（失败和中断的运行会重试）。",
     },
     "budget_epochs": {"en": "equal epochs ({epochs})", "zh": "相同轮数（{epochs} 轮）"},
     "budget_equal": {"en": "equal epochs", "zh": "相同轮数"},
@@ -109,12 +147,35 @@ _TEXT: dict[str, dict[str, str]] = {
 }
 
 
+_COLUMN_KEYS = {"Method": "col_method", "Seeds": "col_seeds", "Params": "col_params", "vs. baseline": "col_vs",
+                "Fusion check": "col_fusion_check"}
+
+
+def column_heading(label: str, lang: str = "en") -> str:
+    """A column heading of the comparison table (``tables.table_header``) in ``lang``; metric names are
+    translated where they are known, units and symbols stay."""
+    if lang == "en":
+        return label
+    if label in _COLUMN_KEYS:
+        return text(_COLUMN_KEYS[label], lang)
+    for metric in ("Accuracy", "Macro-F1"):
+        for prefix in ("", "Δ "):
+            if label.startswith(prefix + metric) and label[len(prefix + metric):][:1] in ("", " "):
+                return prefix + text(metric, lang) + label[len(prefix + metric):]
+    return label
+
+
 def text(key: str, lang: str = "en", **values: object) -> str:
     """The ``key`` text in ``lang`` (``en`` or ``zh``) with ``{placeholders}`` filled in."""
     if lang not in LANGS:
         raise ValueError(f"unknown language '{lang}'; choose one of: {', '.join(LANGS)}")
     entry = _TEXT[key]
     return entry.get(lang, entry["en"]).format(**values)
+
+
+def has_text(key: str) -> bool:
+    """Whether :func:`text` knows ``key``."""
+    return key in _TEXT
 
 
 def check_lang(lang: str) -> str:

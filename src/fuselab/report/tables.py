@@ -10,6 +10,7 @@ Metrics are taken as "higher is better".
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
@@ -21,7 +22,7 @@ import pandas as pd
 from fuselab.report.fusion_check import fusion_check, fusion_note
 from fuselab.report.stats import holm, mcnemar, mean_ci, paired_ttest
 
-__all__ = ["summarize", "to_csv", "to_latex", "to_markdown"]
+__all__ = ["LATEX_PACKAGES", "summarize", "table_header", "to_csv", "to_latex", "to_markdown"]
 
 DEFAULT_METRICS: tuple[str, ...] = ("accuracy", "macro_f1")
 
@@ -45,9 +46,16 @@ COST_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("peak_mem_mb", "Peak mem. (MB)", "mb"),
 )
 
+# spread of a profiled latency: the summary's ``<column>_q1`` / ``<column>_q3`` (interquartile range)
+LATENCY_SPREAD = ("latency_b1_ms", "latency_b64_ms")
+
 UP_MARK = "▲"
 DOWN_MARK = "▼"
 BASELINE_MARK = "(baseline)"
+ONE_SEED = "n = 1"  # the std cell of a method with one seed: its std is not zero, it is unknown
+ONE_SEED_NOTE = "n = 1: a single seed, so no std or CI is shown (not a zero variance)."
+LATENCY_NOTE = "Latency: median over repeated forward passes [interquartile range]."
+LATEX_PACKAGES = ("booktabs", "amssymb", "graphicx")  # what to_latex's output needs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,7 +138,8 @@ def summarize(
             rec[f"{metric}_mean"], rec[f"{metric}_std"], rec[f"{metric}_ci"] = mean, std, ci
         params = rows["params"].to_numpy(dtype=float) if has_params else np.array([math.nan])
         rec["params"] = float(np.median(params)) if not np.all(np.isnan(params)) else math.nan
-        for col, _, _ in COST_COLUMNS:
+        cost = [c for c, _, _ in COST_COLUMNS] + [f"{c}_{q}" for c in LATENCY_SPREAD for q in ("q1", "q3")]
+        for col in cost:
             if col in runs.columns:
                 values = pd.to_numeric(rows[col], errors="coerce").to_numpy(dtype=float)
                 rec[col] = float(np.nanmedian(values)) if not np.all(np.isnan(values)) else math.nan
@@ -232,6 +241,47 @@ def _fmt_cost(value: Any, kind: str) -> str:
     return f"{value:.3f}" if kind == "ms" else f"{value:.2f}"
 
 
+def _fmt_cost_cell(r: dict[str, Any], col: str, kind: str, dash: str = "–") -> str:
+    """A cost cell; a profiled latency with its interquartile range reads ``median [q1–q3]``."""
+    cell = _fmt_cost(r.get(col), kind)
+    q1, q3 = r.get(f"{col}_q1"), r.get(f"{col}_q3")
+    if col in LATENCY_SPREAD and cell != "–" and q1 is not None and q3 is not None \
+            and not (np.isnan(float(q1)) or np.isnan(float(q3))):
+        cell += f" [{_fmt_cost(q1, kind)}{dash}{_fmt_cost(q3, kind)}]"
+    return cell
+
+
+def _has_latency_spread(summary: pd.DataFrame, costs: Sequence[tuple[str, str, str]]) -> bool:
+    return any(f"{c}_q1" in summary.columns and summary[f"{c}_q1"].notna().any() for c, _, _ in costs
+               if c in LATENCY_SPREAD)
+
+
+def _one_seed(r: dict[str, Any]) -> bool:
+    return int(r["n_seeds"]) == 1
+
+
+def _has_one_seed(summary: pd.DataFrame) -> bool:
+    return bool((summary["n_seeds"] == 1).any())
+
+
+def table_header(summary: pd.DataFrame, *, metrics: Sequence[str] | None = None, percent: bool = True,
+                 show_ci: bool = True) -> list[str]:
+    """The column headings of the Markdown table (the HTML table shows the same columns)."""
+    metrics = _infer_metrics(summary, metrics)
+    unit = " (%)" if percent else ""
+    primary = summary.attrs.get("primary", metrics[0])
+    header = ["Method", "Seeds"]
+    for metric in metrics:
+        header.append(f"{_metric_label(metric)}{unit}")
+        if show_ci:
+            header.append("±CI")
+    header += ["Params", *(label for _, label, _ in _cost_columns(summary)),
+               f"Δ {_metric_label(primary)}{' (pp)' if percent else ''}", "vs. baseline"]
+    if _has_fusion_check(summary):
+        header.append("Fusion check")
+    return header
+
+
 def _fmt_delta(value: float, scale: float, decimals: int) -> str:
     return "–" if np.isnan(value) else f"{value * scale:+.{decimals}f}"
 
@@ -268,13 +318,16 @@ def to_markdown(
     metrics: Sequence[str] | None = None,
     percent: bool = True,
     show_ci: bool = True,
+    missing: Sequence[str] = (),
 ) -> str:
     """Render a :func:`summarize` result as a GitHub Markdown table.
 
     Cells read ``mean ± std`` over seeds (in percent with two decimals when ``percent``), with the
-    95 % CI half-width in its own ``±CI`` column; the best mean per metric is bold. The last column
-    marks methods significantly better (``▲``) or worse (``▼``) than the baseline. The caption
-    comes first, a note explaining the columns and marks last.
+    95 % CI half-width in its own ``±CI`` column; the best mean per metric is bold. A method with a
+    single seed reads ``mean (n = 1)``: its spread is unknown, not zero. The last column marks
+    methods significantly better (``▲``) or worse (``▼``) than the baseline. The ``missing`` lines
+    (what the table leaves out: pending or failed runs, methods short of seeds) come first, then the
+    caption, the table, and a note explaining the columns and marks last.
 
     Args:
         summary: the output of :func:`summarize`.
@@ -282,45 +335,35 @@ def to_markdown(
         metrics: metrics to show; by default those the summary was built with.
         percent: show metrics in percent (two decimals) instead of fractions (four decimals).
         show_ci: add a ``±CI`` column after each metric.
+        missing: lines saying what the table leaves out, shown as a quote above the caption.
     """
     metrics = _infer_metrics(summary, metrics)
     baseline = _baseline_name(summary)
     scale, decimals = (100.0, 2) if percent else (1.0, 4)
-    unit = " (%)" if percent else ""
-    primary = summary.attrs.get("primary", metrics[0])
 
-    header = ["Method", "Seeds"]
-    align = [":---", "---:"]
-    for metric in metrics:
-        header.append(f"{_metric_label(metric)}{unit}")
-        align.append("---:")
-        if show_ci:
-            header.append("±CI")
-            align.append("---:")
+    header = table_header(summary, metrics=metrics, percent=percent, show_ci=show_ci)
     costs = _cost_columns(summary)
-    header += ["Params", *(label for _, label, _ in costs), f"Δ {_metric_label(primary)}{' (pp)' if percent else ''}",
-               "vs. baseline"]
-    align += ["---:"] * (1 + len(costs)) + ["---:", ":---:"]
     check = _has_fusion_check(summary)
-    if check:
-        header.append("Fusion check")
-        align.append(":---")
+    align = [":---", "---:", *["---:"] * (len(metrics) * (2 if show_ci else 1) + 1 + len(costs) + 1), ":---:",
+             *([":---"] if check else [])]
 
     ranks = {m: _ranks(summary[f"{m}_mean"].to_numpy(dtype=float) * scale, decimals) for m in metrics}
-    lines = [caption, "", "| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines = [*(f"> {_md_escape(line)}" for line in missing), *([""] if missing else []),
+             caption, "", "| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     for i, row in enumerate(summary.itertuples(index=False)):
         r = dict(zip(summary.columns, row))
         is_base = r["method"] == baseline
         cells = [_md_escape(r["method"]), str(int(r["n_seeds"]))]
         for metric in metrics:
             mean = _fmt(r[f"{metric}_mean"] * scale, decimals)
-            text = f"{mean} ± {_fmt(r[f'{metric}_std'] * scale, decimals)}"
+            spread = f"({ONE_SEED})" if _one_seed(r) else f"± {_fmt(r[f'{metric}_std'] * scale, decimals)}"
+            text = f"{mean} {spread}"
             cells.append(f"**{text}**" if ranks[metric][i] == 1 else text)
             if show_ci:
                 ci = r[f"{metric}_ci"]
                 cells.append("–" if np.isnan(ci) else f"±{ci * scale:.{decimals}f}")
         cells.append(_fmt_params(r.get("params", math.nan)))
-        cells += [_fmt_cost(r.get(col), kind) for col, _, kind in costs]
+        cells += [_fmt_cost_cell(r, col, kind) for col, _, kind in costs]
         cells.append("–" if is_base else _fmt_delta(r["delta"], scale, decimals))
         if is_base:
             mark = BASELINE_MARK
@@ -346,6 +389,10 @@ def to_markdown(
         f"McNemar's test on pooled test predictions both p < {_alpha_text(summary)} after Holm "
         f"correction across {_plural(n, 'method')}.",
     ]
+    if _has_one_seed(summary):
+        lines += ["", ONE_SEED_NOTE]
+    if _has_latency_spread(summary, costs):
+        lines += ["", LATENCY_NOTE]
     note = fusion_note(summary)
     if note:
         lines += ["", _md_escape(note)]
@@ -367,16 +414,19 @@ _LATEX_SPECIAL = {
     "}": r"\}",
     "~": r"\textasciitilde{}",
     "^": r"\textasciicircum{}",
+    "±": r"$\pm$",  # one ± style in LaTeX: the body's
+    "–": "--",
 }
 
 
 def _latex_text(text: str) -> str:
     """Plain text for a LaTeX cell: escaped, with the warning sign and en dash spelled in ASCII."""
-    return latex_escape(str(text).replace("⚠ ", "").replace("–", "--"))
+    return latex_escape(str(text).replace("⚠ ", ""))
 
 
 def latex_escape(text: str) -> str:
-    """Escape LaTeX special characters (``\\ & % $ # _ { } ~ ^``) in plain text."""
+    """Escape LaTeX special characters (``\\ & % $ # _ { } ~ ^``) in plain text; ``±`` becomes ``$\\pm$``
+    and the en dash ``--``, so that a table has one ± style and needs no Unicode input encoding."""
     return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
 
 
@@ -387,12 +437,18 @@ def to_latex(
     label: str = "tab:compare",
     metrics: Sequence[str] | None = None,
     percent: bool = True,
+    missing: Sequence[str] = (),
 ) -> str:
     """Render a :func:`summarize` result as a booktabs LaTeX table.
 
-    Each metric cell reads ``mean $\\pm$ std``; per metric the best mean is ``\\textbf`` and the
-    second best ``\\underline``. Methods significantly better / worse than the baseline carry
-    ``$^\\blacktriangle$`` / ``$^\\blacktriangledown$``. Needs ``booktabs`` and ``amssymb``.
+    Each metric cell reads ``mean $\\pm$ std`` (``mean ($n = 1$)`` for a method with one seed); per
+    metric the best mean is ``\\textbf`` and the second best ``\\underline``. Methods significantly
+    better / worse than the baseline carry ``$^\\blacktriangle$`` / ``$^\\blacktriangledown$``. The
+    tabular is wrapped in ``\\resizebox`` so that it shrinks to ``\\linewidth`` whatever the number
+    of columns (a narrow table keeps its natural size). Needs ``booktabs``, ``amssymb`` and
+    ``graphicx``. The ``missing`` lines (what the table leaves out) are written as comments at the top
+    and as the first sentence of the note under the table, so an incomplete table is never pasted
+    unknowingly.
 
     Args:
         summary: the output of :func:`summarize`.
@@ -400,6 +456,7 @@ def to_latex(
         label: ``\\label`` key.
         metrics: metrics to show; by default those the summary was built with.
         percent: show metrics in percent (two decimals) instead of fractions (four decimals).
+        missing: lines saying what the table leaves out (see above).
     """
     metrics = _infer_metrics(summary, metrics)
     baseline = _baseline_name(summary)
@@ -413,11 +470,15 @@ def to_latex(
     header = ["Method", *(f"{latex_escape(_metric_label(m))}{unit}" for m in metrics), "Params",
               *(latex_escape(label) for _, label, _ in costs), *(["Fusion check"] if check else [])]
     lines = [
-        r"% requires \usepackage{booktabs} and \usepackage{amssymb}",
+        "% requires " + ", ".join(rf"\usepackage{{{p}}}" for p in LATEX_PACKAGES[:-1])
+        + rf" and \usepackage{{{LATEX_PACKAGES[-1]}}} (\resizebox)",
+        *(f"% {line}" for line in missing),
         r"\begin{table}[t]",
         r"  \centering",
         rf"  \caption{{{latex_escape(caption)}}}",
         rf"  \label{{{label}}}",
+        # shrink to the text width when wider, keep the natural size otherwise (\width is the box's own)
+        r"  \resizebox{\ifdim\width>\linewidth\linewidth\else\width\fi}{!}{%",
         rf"  \begin{{tabular}}{{{colspec}}}",
         r"    \toprule",
         "    " + " & ".join(header) + r" \\",
@@ -440,9 +501,9 @@ def to_latex(
                 mean = rf"\textbf{{{mean}}}"
             elif ranks[metric][i] == 2:
                 mean = rf"\underline{{{mean}}}"
-            cells.append(rf"{mean} $\pm$ {std}")
+            cells.append(rf"{mean} ($n = 1$)" if _one_seed(r) else rf"{mean} $\pm$ {std}")
         cells.append(_fmt_params(r.get("params", math.nan)))
-        cells += [_fmt_cost(r.get(col), kind) for col, _, kind in costs]
+        cells += [_fmt_cost_cell(r, col, kind, dash="--") for col, _, kind in costs]
         if check:
             cells.append(_latex_text(r.get("fusion_check") or "--"))
         lines.append("    " + " & ".join(cells) + r" \\")
@@ -456,11 +517,19 @@ def to_latex(
         rf"predictions both $p < {_alpha_text(summary)}$ after Holm correction across "
         rf"{_plural(n, 'method')}."
     )
+    if _has_one_seed(summary):
+        note += r" $n = 1$: a single seed, so no std is shown (not a zero variance)."
+    if _has_latency_spread(summary, costs):
+        note += " " + latex_escape(LATENCY_NOTE)
     if check:
         note += " " + _latex_text(fusion_note(summary))
+    if missing:
+        # a command in backticks is typewriter text in LaTeX (backticks would typeset as quotes)
+        first, *rest = (re.sub(r"`([^`]*)`", r"\\texttt{\1}", latex_escape(line)) for line in missing)
+        note = " ".join([rf"\textbf{{{first}}}", *rest, note])
     lines += [
         r"    \bottomrule",
-        r"  \end{tabular}",
+        r"  \end{tabular}}",
         r"  \par\smallskip",
         rf"  \parbox{{\linewidth}}{{\footnotesize {note}}}",
         r"\end{table}",
