@@ -200,3 +200,40 @@ def test_table_renderers_share_one_header_and_the_caption_falls_back_to_the_name
     described = {**spec, "description": "Fusions  on\ntwo views."}
     assert _caption("small", described, [0, 1], metrics=("accuracy", "kappa", "f1_change")).startswith(
         "Fusions on two views: test accuracy, Cohen's kappa and F1 of the change class (%)")
+
+
+def test_the_chinese_report_states_what_is_missing_with_the_same_columns(reported, partial):
+    from fuselab.report.experiment import build_report
+
+    root, _ = partial
+    zh = build_report(root, "tiny-missing", lang="zh", plots=False, figure=False)
+    assert zh.missing[0] == ("结果不完整：6 个运行中有 3 个不在此表中：1 个待运行（late 种子 1）；1 个失败（late 种子 0）；"
+                             "1 个被中断（sum 种子 1）。")
+    assert zh.markdown.startswith("> " + zh.missing[0])
+    md_header = next(line for line in zh.markdown.splitlines() if line.startswith("| "))
+    assert md_header.startswith("| 方法 | 种子数 | 准确率 (%) | ±CI |") and "| 延迟 b1 (ms) |" in md_header
+    parser = _Headings()
+    parser.feed(zh.files["html"].read_text(encoding="utf-8"))
+    assert parser.headings[:len(md_header.strip("| ").split(" | "))] == md_header.strip("| ").split(" | ")
+    assert "n = 1：只有一个随机种子" in zh.markdown and "单个随机种子" not in zh.markdown  # two seeds in the caption
+    tex = (root / "tiny-missing" / "report" / "results.tex").read_text()
+    assert "% Incomplete: 3 of 6 runs" in tex  # the LaTeX table stays English
+
+
+def test_unsteady_profiled_latencies_are_named_under_the_table():
+    runs = pd.DataFrame({"method": ["a", "a", "b", "b"], "seed": [0, 1, 0, 1], "accuracy": [0.9, 0.92, 0.8, 0.82],
+                         "macro_f1": [0.9, 0.9, 0.7, 0.7]})
+    summary = summarize(runs, baseline="a")
+    # a: steady (IQR 0.2 of the median); b: busy at batch 1 (IQR 1.5 of the median)
+    for col, values in {"latency_b1_ms": [1.0, 1.0], "latency_b1_ms_q1": [0.9, 0.5], "latency_b1_ms_q3": [1.1, 2.0],
+                        "latency_b64_ms": [4.0, 4.0], "latency_b64_ms_q1": [3.9, 3.9],
+                        "latency_b64_ms_q3": [4.1, 4.1]}.items():
+        summary[col] = values
+    md = to_markdown(summary, caption="c")
+    assert "| 1.000 [0.500–2.000] | 4.000 [3.900–4.100] |" in md
+    assert ("Latency: median over repeated forward passes [interquartile range]. Unsteady latency (interquartile "
+            "range above 25 % of the median, the machine was probably busy; profile again on an idle machine): b b1.") in md
+    tex = to_latex(summary, caption="c")
+    assert "1.000 [0.500--2.000]" in tex and "idle machine): b b1." in tex
+    steady = summary.assign(latency_b1_ms_q1=0.9, latency_b1_ms_q3=1.1)
+    assert "Unsteady" not in to_markdown(steady, caption="c")

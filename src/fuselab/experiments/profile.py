@@ -34,11 +34,14 @@ import pandas as pd
 import torch
 from torch import nn
 
+from fuselab.report.tables import LATENCY_SPREAD_LIMIT
+
 COLUMNS = ("params", "flops", "latency_b1_ms", "latency_b64_ms", "peak_mem_mb")
 SPREAD_COLUMNS = ("latency_b1_ms_q1", "latency_b1_ms_q3", "latency_b64_ms_q1", "latency_b64_ms_q3")
 BATCHES = (1, 64)
-# interquartile range over median above which a latency is reported as unsteady (the machine was busy)
-SPREAD_LIMIT = 0.25
+# interquartile range over median above which a latency is reported as unsteady (the machine was busy);
+# the comparison report's limit
+SPREAD_LIMIT = LATENCY_SPREAD_LIMIT
 
 
 @dataclasses.dataclass

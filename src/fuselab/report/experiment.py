@@ -23,7 +23,7 @@ from fuselab.experiments.store import Store
 from fuselab.report.figure import draw_config
 from fuselab.report.i18n import check_lang, column_heading, has_text, text
 from fuselab.report.plots import method_flops, spec_methods, write_plots
-from fuselab.report.tables import summarize, to_csv, to_latex, to_markdown
+from fuselab.report.tables import LATENCY_SPREAD_LIMIT, summarize, to_csv, to_latex, to_markdown
 from fuselab.train.config import ConfigError
 
 
@@ -138,7 +138,11 @@ def _localize_markdown(markdown: str, lang: str, baseline: str, n: int, alpha: s
         elif line.startswith("n = 1:"):
             line = text("one_seed_note", lang)
         elif line.startswith("Latency: median"):
-            line = text("latency_note", lang)
+            parts = [text("latency_note", lang)]
+            if "Unsteady latency" in line:  # the methods listed after the last colon
+                parts.append(text("unsteady_note", lang, limit=f"{LATENCY_SPREAD_LIMIT * 100:.0f}",
+                                  methods=line.rsplit("): ", 1)[1].rstrip(".")))
+            line = " ".join(parts)
         elif line.startswith("▲/▼:"):
             line = text("md_marks", lang, alpha=alpha, n=n)
         out.append(line)

@@ -104,6 +104,10 @@ def summary_table_html(summary: pd.DataFrame, *, caption: str, lang: str = "en",
         notes.append(text("one_seed_note", lang))
     if tables._has_latency_spread(summary, costs):
         notes.append(text("latency_note", lang))
+        unsteady = tables.unsteady_latencies(summary)
+        if unsteady:
+            notes.append(text("unsteady_note", lang, limit=f"{tables.LATENCY_SPREAD_LIMIT * 100:.0f}",
+                              methods=", ".join(unsteady)))
     if check:
         notes.append(fusion_note(summary))
     warning = "".join(f'<p class="warn incomplete">{_esc(line)}</p>' for line in missing)

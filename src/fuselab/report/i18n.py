@@ -41,6 +41,10 @@ _TEXT: dict[str, dict[str, str]] = {
         "en": "Latency: median over repeated forward passes [interquartile range].",
         "zh": "延迟：多次前向传播的中位数 [四分位距]。",
     },
+    "unsteady_note": {
+        "en": "Unsteady latency (interquartile range above {limit} % of the median, the machine was probably busy; profile again on an idle machine): {methods}.",
+        "zh": "延迟不稳定（四分位距超过中位数的 {limit} %，机器可能正忙；请在空闲机器上重新测量）：{methods}。",
+    },
     # what a report leaves out, stated above its table
     "missing_head": {
         "en": "Incomplete: {k} of {n} runs are not in this table: {details}.",
@@ -103,6 +107,9 @@ _TEXT: dict[str, dict[str, str]] = {
     "col_flops": {"en": "FLOPs", "zh": "FLOPs"},
     "col_vs": {"en": "vs. baseline", "zh": "对比基线"},
     "col_fusion_check": {"en": "Fusion check", "zh": "融合检查"},
+    "col_latency_b1": {"en": "Latency b1 (ms)", "zh": "延迟 b1 (ms)"},
+    "col_latency_b64": {"en": "Latency b64 (ms)", "zh": "延迟 b64 (ms)"},
+    "col_peak_mem": {"en": "Peak mem. (MB)", "zh": "峰值内存 (MB)"},
     "Accuracy": {"en": "Accuracy", "zh": "准确率"},
     "Macro-F1": {"en": "Macro-F1", "zh": "宏平均 F1"},
     "baseline_mark": {"en": "(baseline)", "zh": "（基线）"},
@@ -148,7 +155,8 @@ _TEXT: dict[str, dict[str, str]] = {
 
 
 _COLUMN_KEYS = {"Method": "col_method", "Seeds": "col_seeds", "Params": "col_params", "vs. baseline": "col_vs",
-                "Fusion check": "col_fusion_check"}
+                "Fusion check": "col_fusion_check", "Latency b1 (ms)": "col_latency_b1",
+                "Latency b64 (ms)": "col_latency_b64", "Peak mem. (MB)": "col_peak_mem"}
 
 
 def column_heading(label: str, lang: str = "en") -> str:

@@ -22,7 +22,7 @@ import pandas as pd
 from fuselab.report.fusion_check import fusion_check, fusion_note
 from fuselab.report.stats import holm, mcnemar, mean_ci, paired_ttest
 
-__all__ = ["LATEX_PACKAGES", "summarize", "table_header", "to_csv", "to_latex", "to_markdown"]
+__all__ = ["LATEX_PACKAGES", "summarize", "table_header", "to_csv", "to_latex", "to_markdown", "unsteady_latencies"]
 
 DEFAULT_METRICS: tuple[str, ...] = ("accuracy", "macro_f1")
 
@@ -55,6 +55,8 @@ BASELINE_MARK = "(baseline)"
 ONE_SEED = "n = 1"  # the std cell of a method with one seed: its std is not zero, it is unknown
 ONE_SEED_NOTE = "n = 1: a single seed, so no std or CI is shown (not a zero variance)."
 LATENCY_NOTE = "Latency: median over repeated forward passes [interquartile range]."
+# interquartile range over median above which a latency is called unsteady (the machine was busy)
+LATENCY_SPREAD_LIMIT = 0.25
 LATEX_PACKAGES = ("booktabs", "amssymb", "graphicx")  # what to_latex's output needs
 
 
@@ -256,6 +258,26 @@ def _has_latency_spread(summary: pd.DataFrame, costs: Sequence[tuple[str, str, s
                if c in LATENCY_SPREAD)
 
 
+def unsteady_latencies(summary: pd.DataFrame, limit: float = LATENCY_SPREAD_LIMIT) -> list[str]:
+    """``method b<batch>`` for each profiled latency whose interquartile range exceeds ``limit`` times its
+    median: its repetitions disagree, so it is no figure to compare methods by."""
+    out = []
+    for r in summary.to_dict("records"):
+        for col in LATENCY_SPREAD:
+            median, q1, q3 = (pd.to_numeric(r.get(c), errors="coerce") for c in (col, f"{col}_q1", f"{col}_q3"))
+            if median is not None and q1 is not None and q3 is not None and median > 0 and (q3 - q1) / median > limit:
+                out.append(f"{r['method']} {col.split('_')[1]}")
+    return out
+
+
+def _unsteady_note(summary: pd.DataFrame) -> str:
+    unsteady = unsteady_latencies(summary)
+    if not unsteady:
+        return ""
+    return (f"Unsteady latency (interquartile range above {LATENCY_SPREAD_LIMIT * 100:.0f} % of the median, the "
+            f"machine was probably busy; profile again on an idle machine): {', '.join(unsteady)}.")
+
+
 def _one_seed(r: dict[str, Any]) -> bool:
     return int(r["n_seeds"]) == 1
 
@@ -392,7 +414,7 @@ def to_markdown(
     if _has_one_seed(summary):
         lines += ["", ONE_SEED_NOTE]
     if _has_latency_spread(summary, costs):
-        lines += ["", LATENCY_NOTE]
+        lines += ["", " ".join(filter(None, [LATENCY_NOTE, _unsteady_note(summary)]))]
     note = fusion_note(summary)
     if note:
         lines += ["", _md_escape(note)]
@@ -520,7 +542,7 @@ def to_latex(
     if _has_one_seed(summary):
         note += r" $n = 1$: a single seed, so no std is shown (not a zero variance)."
     if _has_latency_spread(summary, costs):
-        note += " " + latex_escape(LATENCY_NOTE)
+        note += " " + latex_escape(" ".join(filter(None, [LATENCY_NOTE, _unsteady_note(summary)])))
     if check:
         note += " " + _latex_text(fusion_note(summary))
     if missing:
