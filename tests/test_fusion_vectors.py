@@ -289,3 +289,20 @@ def test_late_weights_option():
         fuselab.create_fusion("late", dims={"a": 3, "b": 2}, out_dim=4, weights="max")
     with pytest.raises(ValueError, match=r"^late: out_dim \(the number of classes\) is required$"):
         fuselab.create_fusion("late", dims={"a": 3, "b": 2})
+
+
+def test_tfn_keeps_one_projected_feature_when_even_that_exceeds_4096_entries():
+    f = fuselab.create_fusion("tfn", dims={f"m{i:02d}": 3 for i in range(13)})  # 2^13 = 8192 > 4096
+    assert f.proj_dim == 1 and f.out.in_features == 2**13
+
+
+def test_mfb_signed_square_root_is_finite_at_zero():
+    torch.manual_seed(0)
+    f = fuselab.create_fusion("mfb", dims={"a": 3, "b": 4}, out_dim=2, mm_dim=4, factor=2)
+    for proj in f.proj.values():
+        torch.nn.init.zeros_(proj.bias)
+    x = {"a": torch.zeros(1, 3, requires_grad=True), "b": torch.randn(1, 4, requires_grad=True)}
+    z = f(x)  # the product of the projections is exactly 0
+    assert torch.allclose(z, f.out.bias[None])  # sign(0) * sqrt(0 + eps) = 0, then the L2 norm of 0 is 0
+    z.sum().backward()
+    assert torch.isfinite(x["a"].grad).all() and torch.isfinite(x["b"].grad).all()
