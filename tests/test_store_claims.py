@@ -137,3 +137,27 @@ def test_without_a_token_any_claim_of_this_process_matches_and_no_other(store):
     assert store.heartbeat("r1") and store.holds("r1")
     _set(store, "r1", owner=f"{owner_id()}0:{claim.split(':')[-1]}")  # another pid sharing this pid as a prefix
     assert not store.heartbeat("r1") and not store.holds("r1")
+
+
+def test_a_heartbeat_exactly_stale_seconds_old_is_still_fresh(store, monkeypatch):
+    import fuselab.experiments.store as module
+
+    now = 1_000_000.0
+    monkeypatch.setattr(module.time, "time", lambda: now)
+    _set(store, "r1", status="running", owner=owner_id("other"), heartbeat=now - STALE)
+    assert store.claim("r1") is None  # stale means strictly older than stale_seconds
+    _set(store, "r1", heartbeat=now - STALE - 0.5)
+    assert store.claim("r1") is not None
+
+
+def test_unknown_run_names_itself_and_finish_publishes_the_staging_folder(store, tmp_path):
+    with pytest.raises(KeyError, match="nope"):
+        store.claim("nope")
+    claim = store.claim("r1")
+    store.run_dir("r1").parent.mkdir(parents=True, exist_ok=True)
+    staging = store.root / "runs" / "r1.staging"
+    staging.mkdir()
+    (staging / "metrics.json").write_text("{}")
+    assert store.finish("r1", {"test_accuracy": 0.5, "where": tmp_path / "x"}, claim, staging=staging)
+    assert not staging.exists() and (store.run_dir("r1") / "metrics.json").is_file()
+    assert json.loads(_row(store, "r1")["metrics"]) == {"test_accuracy": 0.5, "where": str(tmp_path / "x")}
