@@ -87,6 +87,7 @@ def test_alive_reads_host_and_pid():
     assert not _alive(None) and not _alive("") and not _alive("no-colon")
     assert not _alive(f"{socket.gethostname()}:{_dead_pid()}")
     assert _alive(f"elsewhere.example:{os.getpid()}")
+    assert _alive(f"{socket.gethostname()}:not-a-pid")  # cannot tell: assumed alive, never taken over early
 
 
 def test_done_runs_are_never_claimed_and_failed_or_interrupted_ones_are(store):
