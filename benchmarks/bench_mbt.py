@@ -11,8 +11,8 @@ the linear layers and 4 n_q n_k d for attention, forward only (backward scales b
 median of ``--repeats`` interleaved repetitions (all variants of a size timed in turn, after one warm-up each).
 
 Part 2. An MBT training step (two modalities, ``--tokens`` tokens each incl. the class token, 8 heads,
-``layers`` 2, bottleneck from layer 1, late merge) at widths 128, 256, 512 and a batch that gives about 8k tokens
-per modality, as achieved FLOP/s over the float32 matmul FLOP/s of the same machine measured in the same run
+``layers`` 2, bottleneck from layer 0 so that it spans both blocks and carries information, late merge) at
+widths 128, 256, 512 and a batch that gives about 8k tokens per modality, as achieved FLOP/s over the float32 matmul FLOP/s of the same machine measured in the same run
 ((8192 x d) @ (d x 4d), the shape of the MLP's first layer).
 
     PYTHONPATH=src python benchmarks/bench_mbt.py [--threads 1] [--repeats 5]
@@ -128,7 +128,7 @@ def matmul_flops_per_s(d: int, repeats: int) -> float:
 
 def part_two(args) -> None:
     print(f"\n## MBT training step vs float32 matmul: 2 modalities x {args.tokens} tokens, 8 heads, 2 layers, "
-          f"bottleneck from layer 1, {torch.get_num_threads()} threads")
+          f"bottleneck from layer 0, {torch.get_num_threads()} threads")
     print("| width | batch | tokens/modality/batch | GFLOP/step | ms/step | step GFLOP/s | matmul GFLOP/s | fraction |")
     print("|---|---|---|---|---|---|---|---|")
     features = args.tokens - 1  # one feature per token, plus the class token
@@ -136,7 +136,7 @@ def part_two(args) -> None:
         batch = max(8192 // args.tokens, 1)
         torch.manual_seed(0)
         model = mbt(dims={"a": features, "b": features}, num_classes=10, fusion={"name": "late"}, layers=2,
-                    width=width, heads=8, fusion_layer=1)
+                    width=width, heads=8, fusion_layer=0)
         xs = {m: torch.randn(batch, features) for m in ("a", "b")}
         step = step_fn(model, xs)
         flops = count_flops(step)
