@@ -12,8 +12,9 @@ median of ``--repeats`` interleaved repetitions (all variants of a size timed in
 
 Part 2. An MBT training step (two modalities, ``--tokens`` tokens each incl. the class token, 8 heads,
 ``layers`` 2, bottleneck from layer 0 so that it spans both blocks and carries information, late merge) at
-widths 128, 256, 512 and a batch that gives about 8k tokens per modality, as achieved FLOP/s over the float32 matmul FLOP/s of the same machine measured in the same run
-((8192 x d) @ (d x 4d), the shape of the MLP's first layer).
+widths 128, 256, 512 and a batch that gives about 8k tokens per modality, as achieved FLOP/s over the float32
+matmul FLOP/s of the same machine measured in the same run ((8192 x d) @ (d x 4d), the shape of the MLP's first
+layer).
 
     PYTHONPATH=src python benchmarks/bench_mbt.py [--threads 1] [--repeats 5]
 """
