@@ -265,3 +265,15 @@ def test_compare_can_train_only_some_methods(tmp_path, capsys):
     assert methods == {"concat", "lmf-r2"}  # sum was left for later
     code, _, err = _cli(capsys, "compare", spec, "--store", str(tmp_path / "s"), "--methods", "nope")
     assert code == 2 and "'nope' is not a method of tiny; methods are concat, sum, lmf-r2" in err
+
+
+def test_compare_of_methods_without_the_baseline_keeps_its_runs_and_says_the_table_waits(tmp_path, capsys):
+    raw = {**TINY, "grid": {"fusion.name": ["concat", "sum"]}, "seeds": [0], "baseline": {"fusion.name": "concat"}}
+    spec, store = _write(tmp_path, raw), tmp_path / "store"
+    code, out, err = _cli(capsys, "compare", spec, "--store", str(store), "--jobs", "1", "--methods", "sum")
+    assert code in (0, None), err
+    assert f"no table yet: the baseline 'concat' has no finished run; train it with `fuselab compare {spec} " \
+           f"--store {store} --methods concat`" in " ".join(out.split())
+    frame = fuselab.load_results(store, raw["name"])
+    assert frame.set_index("method").loc["sum", "status"] == "done"
+    assert frame.set_index("method").loc["concat", "status"] == "pending"

@@ -218,7 +218,19 @@ def compare_cmd(
             raise SweepInterrupted() from None
     console.print(f"{counts['done']} trained, {counts['cached']} already in the store, {counts['failed']} failed, "
                   f"{time.perf_counter() - start:.0f} s")
+    if not _baseline_done(st.root, sp.name, sp.baseline):
+        # e.g. --methods without the baseline: the runs are stored, the table waits for the baseline
+        console.print(f"no table yet: the baseline '{sp.baseline}' has no finished run; train it with "
+                      f"`fuselab compare {spec} --store {st.root} --methods {sp.baseline}`", markup=False)
+        return
     _print_report(st.root, sp.name)
+
+
+def _baseline_done(store: Path, experiment: str, baseline: str) -> bool:
+    from fuselab.experiments.results import load_results
+
+    frame = load_results(store, experiment)
+    return bool(((frame["method"] == baseline) & (frame["status"] == "done")).any())
 
 
 class SweepInterrupted(Exception):
