@@ -186,35 +186,39 @@ class JointAttention(_TokenWrapping):
         if len(set(heads.values())) != 1:
             raise ValueError(f"joint-attention: every modality needs the same number of heads, got {heads}")
 
+    carry_stat = "cross_attention"  # fusion diagnostics: at 0 no modality attended to another
+
     def forward(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        xs = self.check_inputs(inputs)
+        return self._run(self.check_inputs(inputs))
+
+    def _run(self, xs: dict[str, Tensor], shares: list[float] | None = None) -> dict[str, Tensor]:
         for i in range(self.depth):
             qkv = {m: self.layers[m][i].project(x) for m, x in xs.items()}  # each (B, H, N_m, E)
             k = torch.cat([t[1] for t in qkv.values()], dim=2)  # (B, H, sum N_m, E)
             v = torch.cat([t[2] for t in qkv.values()], dim=2)
+            if shares is not None:
+                shares += _attention_to_others([t[0] for t in qkv.values()], k)
             xs = {m: self.layers[m][i].finish(x, qkv[m][0], k, v) for m, x in xs.items()}
         return xs
-
-    carry_stat = "cross_attention"
 
     @torch.no_grad()
     def fusion_stats(self, inputs: Mapping[str, Tensor]) -> dict[str, float]:
         """On ``inputs``: ``cross_attention``, the share of attention each modality's tokens pay to the other
         modalities' tokens, averaged over blocks, modalities, heads, tokens and samples."""
-        xs = self.check_inputs(inputs)
-        shares = []
-        for i in range(self.depth):
-            qkv = {m: self.layers[m][i].project(x) for m, x in xs.items()}
-            k = torch.cat([t[1] for t in qkv.values()], dim=2)  # (B, H, sum N_m, E)
-            v = torch.cat([t[2] for t in qkv.values()], dim=2)
-            start = 0
-            for m, (q, k_m, _) in qkv.items():
-                attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)  # (B, H, N_m, sum N)
-                own = attn[..., start : start + k_m.shape[2]].sum(-1)
-                shares.append(float((1 - own).mean()))
-                start += k_m.shape[2]
-            xs = {m: self.layers[m][i].finish(x, qkv[m][0], k, v) for m, x in xs.items()}
+        shares: list[float] = []
+        self._run(self.check_inputs(inputs), shares)
         return {"cross_attention": sum(shares) / len(shares)}
+
+
+def _attention_to_others(queries: Sequence[Tensor], k: Tensor) -> list[float]:
+    """Per modality, the mean share of attention its queries (B, H, N_m, E) pay to the keys ``k``
+    (B, H, sum N_m, E) of the other modalities (the modalities' keys concatenated in the same order)."""
+    out, start = [], 0
+    for q in queries:
+        attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)  # (B, H, N_m, sum N)
+        out.append(float((1 - attn[..., start : start + q.shape[2]].sum(-1)).mean()))
+        start += q.shape[2]
+    return out
 
 
 __all__ = ["Bottleneck", "JointAttention"]
