@@ -19,12 +19,14 @@ from fuselab.experiments.store import Store
 from fuselab.train.config import make_config
 from fuselab.train.run import execute
 
+EPOCHS = 60  # long enough (about 1 s of training per run) that a saved state can be seen before the run ends
+
 SPEC = {
     "name": "reliable",
     "base": {
         "data": {"name": "mfeat", "views": ["fou", "kar"]},
         "model": {"name": "mlp-streams", "hidden": 32},
-        "train": {"epochs": 8, "batch_size": 64, "lr": 5.0e-3, "checkpoint_every": 0.0},
+        "train": {"epochs": EPOCHS, "batch_size": 64, "lr": 5.0e-3, "checkpoint_every": 0.0},
     },
     "grid": {"fusion.name": ["concat", "sum"]},
     "seeds": [0, 1],
@@ -50,6 +52,21 @@ def _saved_state(store: Store, run_id: str):
     return None
 
 
+def _killable(store: Store):
+    """The run to kill: one that is running and has saved a state while another is done; or None."""
+    if not store.exists():
+        return None
+    try:
+        runs = _runs(store)
+    except Exception:  # noqa: BLE001 - the schema may still be being created
+        return None
+    running = [r for r in runs.values() if r["status"] == "running"]
+    done = [r for r in runs.values() if r["status"] == "done"]
+    if done and running and _saved_state(store, running[0]["run_id"]) is not None:
+        return running[0]["run_id"]
+    return None
+
+
 def test_kill_9_then_rerun_finishes_every_run_exactly_once_and_resumes(tmp_path):
     cmd = _compare(tmp_path)
     store = Store(tmp_path / "store")
@@ -57,28 +74,29 @@ def test_kill_9_then_rerun_finishes_every_run_exactly_once_and_resumes(tmp_path)
     victim = None
     deadline = time.monotonic() + 300
     try:
-        while time.monotonic() < deadline:  # wait until one run is done and the next has saved a state
-            time.sleep(0.2)
-            if not store.exists():
+        while time.monotonic() < deadline and proc.poll() is None:
+            # wait until one run is done and the next has saved a state
+            time.sleep(0.05)
+            candidate = _killable(store)
+            if candidate is None:
                 continue
-            try:
-                runs = _runs(store)
-            except Exception:  # noqa: BLE001 - the schema may still be being created
-                continue
-            running = [r for r in runs.values() if r["status"] == "running"]
-            done = [r for r in runs.values() if r["status"] == "done"]
-            if done and running and _saved_state(store, running[0]["run_id"]) is not None:
-                victim = running[0]["run_id"]
+            # freeze the sweep, then check again: the run may have finished between the look and the stop
+            os.killpg(proc.pid, signal.SIGSTOP)
+            if _killable(store) == candidate:
+                victim = candidate
                 break
-        assert victim is not None, "the sweep never reached a killable point"
+            os.killpg(proc.pid, signal.SIGCONT)
+        assert victim is not None, f"the sweep never reached a killable point (exit code {proc.poll()})"
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
     assert _runs(store)[victim]["status"] == "running"  # as the kill left it
     # the state the killed process left: training resumes after its epoch
     saved = torch.load(_saved_state(store, victim) / "resume.pt", map_location="cpu", weights_only=True)
     resume_at = saved["epoch"] + 1
-    assert 1 <= resume_at < 8
+    assert 1 <= resume_at < EPOCHS
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     runs = _runs(store)
@@ -88,16 +106,16 @@ def test_kill_9_then_rerun_finishes_every_run_exactly_once_and_resumes(tmp_path)
     folder = store.run_dir(victim)
     # the saved state was used: the second attempt trained only the epochs after it
     attempts = json.loads((folder / "attempts.json").read_text())
-    assert [(a["first_epoch"], a["epochs_trained"]) for a in attempts] == [(resume_at, 8 - resume_at)]
+    assert [(a["first_epoch"], a["epochs_trained"]) for a in attempts] == [(resume_at, EPOCHS - resume_at)]
     # and the logs kept the epochs trained before the kill
     logged = pd.read_csv(folder / "logs" / "metrics.csv")
-    assert sorted(logged["step"].astype(int)) == list(range(8))
+    assert sorted(logged["step"].astype(int)) == list(range(EPOCHS))
     # the killed run ended exactly as an uninterrupted run would
     threads = json.loads((folder / "environment.json").read_text())["torch_threads"]
     config = runs[victim]["config"]
     fresh = execute(make_config(config, [f"train.threads={threads}"]))
     stored = pd.read_csv(folder / "history.csv")
-    assert list(stored["epoch"]) == list(range(8))
+    assert list(stored["epoch"]) == list(range(EPOCHS))
     assert stored["val_accuracy"].tolist() == pytest.approx([r["val_accuracy"] for r in fresh.history], abs=0)
     assert logged.sort_values("step")["val_accuracy"].tolist() == pytest.approx(stored["val_accuracy"].tolist(), abs=1e-12)
     assert json.loads((folder / "metrics.json").read_text())["test_accuracy"] == fresh.metrics["test_accuracy"]
