@@ -22,6 +22,7 @@ method evaluated with the same seed.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -144,5 +145,21 @@ def drop_modalities(x: Mapping[str, Tensor], rates: Mapping[str, float],
     return out
 
 
-__all__ = ["CORRUPTIONS", "MISSING_MODES", "corrupt", "drop_elements", "drop_mask_shape", "drop_modalities",
-           "dropout_rates", "gaussian_noise", "keep_masks", "missing_mask", "modality_sigma", "zero_samples"]
+def apply_modality_dropout(model: Any, inputs: Mapping[str, Tensor], rates: Mapping[str, float],
+                           generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Modality dropout of one training batch, done the way ``model`` asks for.
+
+    A model that defines ``modality_dropout(inputs, rates, generator)`` drops the modalities itself and returns
+    the inputs and the extra keyword arguments of its forward pass (``MultiStream``: per-sample ``keep`` masks,
+    so the dropped streams are zeroed at its encoders' outputs); any other model gets the dropped modalities
+    as zero inputs (``drop_modalities``). Returns ``(inputs, forward keyword arguments)``.
+    """
+    own = getattr(model, "modality_dropout", None)
+    if callable(own):
+        return own(inputs, rates, generator)
+    return drop_modalities(inputs, rates, generator), {}
+
+
+__all__ = ["CORRUPTIONS", "MISSING_MODES", "apply_modality_dropout", "corrupt", "drop_elements", "drop_mask_shape",
+           "drop_modalities", "dropout_rates", "gaussian_noise", "keep_masks", "missing_mask", "modality_sigma",
+           "zero_samples"]

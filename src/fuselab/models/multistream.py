@@ -20,9 +20,12 @@ spatial size, so that its per-pixel logits match the input.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from fuselab.data.corruptions import keep_masks
 from fuselab.fusion.base import FusionBase, Merge, check_dims
 from fuselab.models.output import ModelOutput
 
@@ -193,6 +196,24 @@ class MultiStream(nn.Module):
             else:
                 logits = self.head(features)
         return ModelOutput(logits=logits, modality_logits=modality_logits, features=features, aux_losses=self.collect_aux())
+
+    def modality_dropout(self, inputs: Mapping[str, Tensor], rates: Mapping[str, float],
+                         generator: torch.Generator | None = None) -> tuple[Mapping[str, Tensor], dict[str, Any]]:
+        """Modality dropout of one training batch (``train.modality_dropout``; the training loop calls it
+        through ``fuselab.data.corruptions.apply_modality_dropout``): the inputs stay as they are, and per
+        modality with a rate above 0 a (B,) ``keep`` mask is drawn (``keep_masks``) for ``forward``, which
+        zeroes the dropped streams at the encoders' outputs, so a dropped encoder gets no gradient.
+
+        Returns ``(inputs, {"keep": masks})``, the inputs and the extra keyword arguments of ``forward``.
+        """
+        first = next(iter(inputs.values()))
+        return inputs, {"keep": keep_masks(len(first), rates, generator, device=first.device)}
+
+    def training_stats(self) -> dict[str, float]:
+        """The ``epoch_stats`` of every submodule that has them (e.g. the share of exchanged channels of each
+        channel exchange), keyed ``<module path>.<stat>``; the training loop adds them to each epoch's row."""
+        return {f"{name}.{k}": v for name, module in self.named_modules() if module is not self
+                and callable(getattr(module, "epoch_stats", None)) for k, v in module.epoch_stats().items()}
 
     def collect_aux(self) -> dict[str, Tensor]:
         """Auxiliary losses of every submodule that defines ``aux_losses()``, keyed by module path."""

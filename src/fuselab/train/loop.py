@@ -20,10 +20,9 @@ from lightning_fabric import Fabric
 from torch import Tensor, nn
 
 from fuselab.data.core import DataBundle, ModalTensors
-from fuselab.data.corruptions import drop_modalities, dropout_rates, keep_masks
+from fuselab.data.corruptions import apply_modality_dropout, dropout_rates
 from fuselab.losses import WeightedLoss
 from fuselab.metrics import classification_metrics, predictions, task_metrics
-from fuselab.models.multistream import MultiStream
 from fuselab.train.config import ConfigError, TrainConfig
 from fuselab.train.optim import freeze_batch_norms, make_optimizer, proximal_modules, proximal_steps
 
@@ -105,13 +104,12 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, cfg.warmup))
     model, optimizer = fabric.setup(model, optimizer)
     generator = torch.Generator().manual_seed(seed)  # batch order: the same for every method of a seed
-    takes_keep = isinstance(getattr(model, "module", model), MultiStream)  # Fabric's wrapper keeps the original
-    stat_modules = [(n, m) for n, m in getattr(model, "module", model).named_modules() if callable(getattr(m, "epoch_stats", None))]
+    inner = getattr(model, "module", model)  # Fabric's wrapper keeps the original: the model's own hooks
+    training_stats = getattr(inner, "training_stats", None)  # e.g. MultiStream: its operators' epoch statistics
     forward = _forward_fn(model, fabric, cfg.precision)
     world, rank = fabric.world_size, fabric.global_rank
-    # modality dropout: per-sample masks drawn from a generator seeded per epoch (resumable); a MultiStream
-    # zeroes the dropped streams at its encoders' outputs (no gradient reaches a dropped encoder), any other
-    # model gets zeroed inputs
+    # modality dropout: the rates come from the config, the random numbers from a generator seeded per epoch
+    # (resumable); how a modality is dropped is the model's choice (``apply_modality_dropout``)
     try:
         dropout = dropout_rates(getattr(cfg, "modality_dropout", 0.0), data.modalities)
     except ValueError as exc:
@@ -140,11 +138,10 @@ def fit(
         for x, y in data.train.batches(cfg.batch_size, generator=generator, shuffle=True):
             if world > 1:  # data parallel: each process takes its share of the same global batch
                 x, y = {m: v[rank::world] for m, v in x.items()}, y[rank::world]
-            if drop_gen is not None and takes_keep:
-                output = forward(x, keep=keep_masks(len(y), dropout, drop_gen, device=y.device))
+            if drop_gen is not None:
+                x, extra = apply_modality_dropout(inner, x, dropout, drop_gen)
+                output = forward(x, **extra)
             else:
-                if drop_gen is not None:
-                    x = drop_modalities(x, dropout, drop_gen)
                 output = forward(x)
             total, values = loss(output, y)
             optimizer.zero_grad(set_to_none=True)
@@ -171,8 +168,8 @@ def fit(
         row = {"epoch": epoch, "train_loss": means[0], **{f"train_{n}": v for n, v in zip(values, means[1:])}}
         row.update({f"val_{k}": v for k, v in val.items()})
         row["lr"] = scheduler.get_last_lr()[0]
-        for name, module in stat_modules:  # e.g. the share of exchanged channels of each channel-exchange
-            row.update({f"{name}.{k}": v for k, v in module.epoch_stats().items()})
+        if callable(training_stats):  # e.g. the share of exchanged channels of each channel-exchange
+            row.update(training_stats())
         history.append(row)
         fabric.log_dict({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
         score = sign * val[cfg.monitor]
