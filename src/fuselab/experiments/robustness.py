@@ -34,7 +34,7 @@ github.com/pliang279/MultiBench):
 set); both measures are computed per run and then averaged over seeds.
 
 What is written: ``runs/<id>/robustness.csv`` (columns ``corruption``, ``modality``, ``mode``, ``level``,
-``accuracy``: the curves; read by ``fuselab.report.plots``) and ``runs/<id>/robustness.json`` (the settings,
+``accuracy``: the curves, which ``fuselab.report`` draws) and ``runs/<id>/robustness.json`` (the settings,
 and the stored and re-evaluated clean accuracy), and ``<store>/<experiment>/report/robustness.{md,csv}``
 (the tables). ``fuselab report`` then adds the table and the curves to the report.
 """
@@ -486,73 +486,6 @@ def experiment_robustness(frame: pd.DataFrame, baseline: str) -> tuple[pd.DataFr
     return curves, robustness_areas(curves, baseline)
 
 
-def report_section(frame: pd.DataFrame, baseline: str, out: Path, *, order: Sequence[str], heading: str,
-                   plots: bool = True, lang: str = "en", formats: Sequence[str] = ("png",)) -> tuple[list[str], dict[str, Path], str]:
-    """The robustness part of an experiment's report: Markdown lines, the files written under ``out`` (the
-    summary table, the per-modality tables and the per-modality curves) and the summary table in HTML;
-    nothing when no run has curves."""
-    found = experiment_robustness(frame, baseline)
-    if found is None:
-        return [], {}, ""
-    curves, areas = found
-    key = None
-    for path in frame["path"]:
-        meta = Path(path) / "robustness.json"
-        if meta.is_file():
-            key = json.loads(meta.read_text()).get("settings")
-            break
-    table = robustness_table(areas, order)
-    markdown, files = write_tables(out, str(out.parent.name), baseline, areas, table, key, order)
-    lines = [f"## {heading}", "", markdown, ""]
-    if plots:
-        stem = out / "plots" / "robustness_modalities"
-        written = plot_modality_curves(curves, stem, order=order, lang=lang, formats=formats)
-        files["plot:robustness_modalities"] = next(p for p in written if p.suffix == ".png")
-        lines += ["![robustness per modality](plots/robustness_modalities.png)", "",
-                  "*Test accuracy against corruption level, one corrupted modality per column, mean over seeds.*", ""]
-    lines += ["Per-modality tables: robustness.md; areas per run: robustness.csv.", ""]
-    files = {f"robustness_{k}" if not k.startswith("plot:") else k: v for k, v in files.items()}
-    html = table_html(table, baseline, caption=legend(key, baseline))
-    return lines, files, html
-
-
-def plot_modality_curves(curves: pd.DataFrame, stem: str | Path, *, order: Sequence[str] | None = None,
-                         lang: str = "en", formats: Sequence[str] = ("png",)) -> list[Path]:
-    """Test accuracy (%) against level: one row of panels per corruption, one column per corrupted modality,
-    one line per method (mean over seeds)."""
-    import matplotlib.pyplot as plt
-
-    from fuselab.report.plots import TEXT_WIDTH, _axis, _style_for, paper_style, save_figure
-
-    corruptions = list(dict.fromkeys(curves["corruption"]))
-    modalities = sorted(set(curves["modality"]))
-    methods = [m for m in (order or dict.fromkeys(curves["method"])) if m in set(curves["method"])]
-    means = curves.groupby(["corruption", "modality", "method", "level"])["accuracy"].mean() * 100
-    with paper_style(lang):
-        fig, axes = plt.subplots(len(corruptions), len(modalities), squeeze=False, sharex=True, sharey="row",
-                                 figsize=(TEXT_WIDTH, 1.5 * len(corruptions) + 0.6))
-        for r, corruption in enumerate(corruptions):
-            for c, modality in enumerate(modalities):
-                ax = axes[r][c]
-                for i, method in enumerate(methods):
-                    key = (corruption, modality, method)
-                    if key not in means.index.droplevel("level"):
-                        continue
-                    line = means.loc[key]
-                    style = _style_for(i)
-                    ax.plot(line.index, line.to_numpy(), color=style["color"], marker=style["marker"], markersize=2.5,
-                            linewidth=0.9, label=method if (r, c) == (0, 0) else None)
-                if r == 0:
-                    ax.set_title(str(modality))
-                if c == 0:
-                    ax.set_ylabel(f"{corruption}\n{_axis('accuracy', lang)}")
-                if r == len(corruptions) - 1:
-                    ax.set_xlabel(_axis("level", lang))
-        fig.legend(loc="lower center", ncol=min(len(methods), 7), bbox_to_anchor=(0.5, -0.01))
-        fig.tight_layout(rect=(0, 0.05 * math.ceil(len(methods) / 7) + 0.02, 1, 1))
-        return save_figure(fig, stem, formats)
-
-
 __all__ = ["DEFAULT_LEVELS", "RobustnessResult", "RobustnessSettings", "effective_robustness", "evaluate_model",
-           "evaluate_run", "experiment_robustness", "logits_omitting", "plot_modality_curves", "relative_robustness", "report_section", "robustness_areas",
+           "evaluate_run", "experiment_robustness", "logits_omitting", "relative_robustness", "robustness_areas",
            "robustness_table", "run_robustness", "supports_missing", "table_html", "table_markdown"]

@@ -222,13 +222,13 @@ _FLOPS_DATA: dict[str, Any] = {}  # the last dataset built for counting
 
 
 def record_flops(cfg: Any, run_dir: Any = None) -> float | None:
-    """FLOPs per sample of a run's model (``report.plots.flops_per_sample``, attention counted), counted once
+    """FLOPs per sample of a run's model (``experiments.profile.flops_per_sample``, attention counted), counted once
     per model config in this process and written to ``<run_dir>/flops.json`` and its ``metrics.json``;
     None when the model cannot be counted (a run never fails for it)."""
     import json
     from pathlib import Path
 
-    from fuselab.report.plots import flops_per_sample
+    from fuselab.experiments.profile import flops_per_sample
     from fuselab.train.run import build_data
 
     container = OmegaConf.to_container(cfg, resolve=True)

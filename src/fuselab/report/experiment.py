@@ -267,7 +267,7 @@ def build_report(store: str | Path, experiment: str, *, lang: str = "en", plots:
         sections += [f"## {text('plots', lang)}", ""]
         for name, plot in written_plots.items():
             sections += [f"![{name}](plots/{name}.png)", "", f"*{plot['caption']}*", ""]
-    from fuselab.experiments.robustness import report_section
+    from fuselab.report.robustness import report_section
 
     robust_lines, robust_files, robust_html = report_section(frame, info["baseline"], out, order=list(summary["method"]),
                                                 heading=text("robustness", lang), plots=plots, lang=lang,

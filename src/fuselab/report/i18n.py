@@ -82,8 +82,14 @@ _TEXT: dict[str, dict[str, str]] = {
         "zh": "训练曲线：每轮的训练损失与验证准确率，各种子的均值（阴影：± 标准差）。",
     },
     "cap_robustness": {
-        "en": "Robustness: test accuracy under increasing corruption, mean over seeds.",
-        "zh": "鲁棒性：随扰动强度增加的测试准确率，各种子的均值。",
+        "en": "Robustness: test accuracy under increasing corruption, mean over seeds; error bars: ± std over "
+              "seeds (methods offset slightly along the level axis so that their bars do not overlap).",
+        "zh": "鲁棒性：随扰动强度增加的测试准确率，各种子的均值；误差线为各种子的 ± 标准差（各方法沿扰动强度轴略微错开，避免误差线重叠）。",
+    },
+    "cap_robustness_modalities": {
+        "en": "Test accuracy against corruption level, one corrupted modality per column, mean over seeds; "
+              "error bars: ± std over seeds (methods offset slightly along the level axis).",
+        "zh": "测试准确率与扰动强度的关系，每列扰动一个模态，各种子的均值；误差线为各种子的 ± 标准差（各方法沿扰动强度轴略微错开）。",
     },
     "cap_heatmap": {
         "en": "Ablation: mean test accuracy (%) over seeds for {rows} x {cols}.",

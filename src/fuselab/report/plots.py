@@ -14,10 +14,9 @@ FLOPs are not part of a run's metrics yet: :func:`flops_per_sample` counts them 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,23 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from fuselab.experiments.profile import flops_per_sample  # noqa: E402
 from fuselab.report.i18n import text  # noqa: E402
+from fuselab.report.style import (  # noqa: E402
+    BAND_ALPHA,
+    COLUMN_WIDTH,
+    MARKERS,
+    PALETTE,
+    PAPER_RC,
+    TEXT_WIDTH,
+    axis_label,
+    cjk_font,
+    dodge,
+    paper_style,
+    plot_lang,
+    save_figure,
+    style_for,
+)
 
 __all__ = [
     "COLUMN_WIDTH",
@@ -46,127 +61,15 @@ __all__ = [
     "write_plots",
 ]
 
-COLUMN_WIDTH = 3.4  # inches: one column of a two-column paper (IEEE / NeurIPS-like)
-TEXT_WIDTH = 7.0  # inches: both columns
-# Okabe-Ito: distinguishable with colour-blindness and in grey print
-PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
-MARKERS = ["o", "s", "^", "D", "v", "P", "X", "h"]
-
-PAPER_RC: dict[str, Any] = {
-    "font.size": 8,
-    "axes.titlesize": 8,
-    "axes.labelsize": 8,
-    "xtick.labelsize": 7,
-    "ytick.labelsize": 7,
-    "legend.fontsize": 6.5,
-    "legend.frameon": False,
-    "axes.spines.top": False,
-    "axes.spines.right": False,
-    "axes.grid": True,
-    "grid.alpha": 0.3,
-    "grid.linewidth": 0.5,
-    "axes.linewidth": 0.6,
-    "lines.linewidth": 1.2,
-    "lines.markersize": 4,
-    "errorbar.capsize": 2,
-    "axes.prop_cycle": matplotlib.cycler(color=PALETTE),
-    "savefig.dpi": 150,
-    "savefig.bbox": "tight",
-    "savefig.pad_inches": 0.02,
-    "pdf.fonttype": 42,  # TrueType in PDFs: editable text, accepted by paper systems
-    "svg.fonttype": "none",  # text stays text in SVGs: small files, editable
-    "figure.dpi": 100,
-}
-
-_AXIS = {
-    "accuracy": {"en": "Test accuracy (%)", "zh": "测试准确率 (%)"},
-    "params": {"en": "Parameters", "zh": "参数量"},
-    "flops": {"en": "FLOPs per sample", "zh": "单样本 FLOPs"},
-    "epoch": {"en": "Epoch", "zh": "轮次"},
-    "train_loss": {"en": "Training loss", "zh": "训练损失"},
-    "val_accuracy": {"en": "Validation accuracy (%)", "zh": "验证准确率 (%)"},
-    "level": {"en": "Corruption level", "zh": "扰动强度"},
-}
-
-
-def _cjk_font() -> str | None:
-    """A font that has Chinese glyphs, if one is installed."""
-    from matplotlib import font_manager
-
-    for font in font_manager.fontManager.ttflist:
-        if any(k in font.name for k in ("Noto Sans CJK", "Noto Serif CJK", "WenQuanYi", "Source Han", "SimHei", "Droid Sans Fallback")):
-            return font.name
-    return None
-
-
-def plot_lang(lang: str) -> str:
-    """The language of text inside images: Chinese only where a font can draw it, else English."""
-    return "zh" if lang == "zh" and _cjk_font() else "en"
-
-
-def _axis(key: str, lang: str) -> str:
-    return _AXIS[key][lang]
-
-
-@contextlib.contextmanager
-def paper_style(lang: str = "en") -> Iterator[None]:
-    """Matplotlib settings of every fuselab plot (and the network figure)."""
-    rc = dict(PAPER_RC)
-    if lang == "zh" and (font := _cjk_font()):
-        rc["font.sans-serif"] = [font, "DejaVu Sans"]
-        rc["axes.unicode_minus"] = False
-    with matplotlib.rc_context(rc):
-        yield
-
-
-# no dates or versions in the files: a report rewritten from the same results gives the same files
-_FIXED_METADATA = {"png": {"Software": None}, "pdf": {"CreationDate": None, "Producer": None}, "svg": {"Date": None}}
-
-
-def save_figure(fig: plt.Figure, stem: str | Path, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
-    """Write ``fig`` as ``<stem>.<format>`` for each format, close it, return the paths."""
-    stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for fmt in formats:
-        path = stem.with_suffix(f".{fmt}")
-        # fixed metadata keeps files identical from one report to the next
-        fig.savefig(path, format=fmt, metadata=_FIXED_METADATA.get(fmt))
-        paths.append(path)
-    plt.close(fig)
-    return paths
+# the shared look lives in report.style; the old private names stay for code written against them
+_axis = axis_label
+_style_for = style_for
+_cjk_font = cjk_font
 
 
 # ----------------------------------------------------------------------------------------------
 # FLOPs
 # ----------------------------------------------------------------------------------------------
-
-
-def flops_per_sample(cfg: Any, data: Any = None, *, batch: int = 8) -> float:
-    """Forward FLOPs per sample of the model a run config describes (eval mode, one test batch).
-
-    ``cfg`` is a resolved run config (``DictConfig`` or a plain dict); ``data`` its ``DataBundle`` if
-    already built. Attention through SDPA is counted (``fuselab.layers.attention`` registers its formula).
-    """
-    import torch
-    from omegaconf import DictConfig
-    from torch.utils.flop_counter import FlopCounterMode
-
-    import fuselab.layers.attention  # noqa: F401  (registers the SDPA FLOP formula)
-    from fuselab.train.config import make_config
-    from fuselab.train.run import build_data, build_model
-
-    if not isinstance(cfg, DictConfig):
-        cfg = make_config(dict(cfg))
-    data = data if data is not None else build_data(cfg)
-    torch.manual_seed(0)
-    model = build_model(cfg, data).eval()
-    n = min(batch, len(data.test))
-    inputs, _ = data.test.take(torch.arange(n))
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(inputs)
-    return counter.get_total_flops() / n
 
 
 def cached_flops(run_dir: str | Path, cfg: Any = None, *, compute: bool = True,
@@ -399,20 +302,25 @@ def robustness_frame(frame: pd.DataFrame) -> pd.DataFrame:
 
 def plot_robustness(robust: pd.DataFrame, stem: str | Path, *, order: Sequence[str] | None = None,
                     lang: str = "en", formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
-    """Test accuracy against corruption level, one panel per corruption, mean over seeds per method."""
+    """Test accuracy against corruption level, one panel per corruption, mean over seeds per method, error bars
+    of one std over seeds, each method's points offset along the level axis (:func:`style.dodge`)."""
     corruptions = list(dict.fromkeys(robust["corruption"]))
     methods = [m for m in (order or dict.fromkeys(robust["method"])) if m in set(robust["method"])]
     with paper_style(lang):
         n = len(corruptions)
         fig, axes = plt.subplots(1, n, figsize=(min(TEXT_WIDTH, COLUMN_WIDTH * n * 0.75), 2.3), squeeze=False)
+        levels = np.sort(robust["level"].unique().astype(float))
+        step = float(np.min(np.diff(levels))) if len(levels) > 1 else math.nan
         for ax, corruption in zip(axes[0], corruptions):
             part = robust[robust["corruption"] == corruption]
             for i, method in enumerate(methods):
                 stats = part[part["method"] == method].groupby("level")["accuracy"].agg(["mean", "std"]).fillna(0) * 100
                 if stats.empty:
                     continue
-                style = _style_for(i)
-                ax.errorbar(stats.index, stats["mean"], yerr=stats["std"], color=style["color"], marker=style["marker"],
+                style = style_for(i)
+                # methods side by side at each level: overlapping bars would hide each other
+                x = stats.index.to_numpy(dtype=float) + dodge(i, len(methods), step)
+                ax.errorbar(x, stats["mean"], yerr=stats["std"], color=style["color"], marker=style["marker"],
                             label=method if ax is axes[0][0] else None, elinewidth=0.6)
             ax.set_title(str(corruption))
             ax.set_xlabel(_axis("level", lang))

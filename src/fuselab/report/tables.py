@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fuselab.experiments.profile import LATENCY_SPREAD_LIMIT  # measured there, reported here
 from fuselab.report.fusion_check import fusion_check, fusion_note
 from fuselab.report.stats import holm, mcnemar, mean_ci, paired_ttest
 
@@ -55,8 +56,6 @@ BASELINE_MARK = "(baseline)"
 ONE_SEED = "n = 1"  # the std cell of a method with one seed: its std is not zero, it is unknown
 ONE_SEED_NOTE = "n = 1: a single seed, so no std or CI is shown (not a zero variance)."
 LATENCY_NOTE = "Latency: median over repeated forward passes [interquartile range]."
-# interquartile range over median above which a latency is called unsteady (the machine was busy)
-LATENCY_SPREAD_LIMIT = 0.25
 LATEX_PACKAGES = ("booktabs", "amssymb", "graphicx")  # what to_latex's output needs
 
 

@@ -1,0 +1,139 @@
+"""A small research loop driven through the ``fuselab`` command with its output going to a file (as under
+nohup or a batch scheduler): what the printed lines say, and what the report draws.
+
+One tiny real experiment (two views of mfeat, three fusions, two seeds, three epochs) is trained once by
+``fuselab compare`` in a subprocess whose stdout is a file; the tests read that file and run further
+commands against the same store.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+SPEC = {
+    "name": "tiny-week",
+    "description": "Three fusions of two mfeat views, for the command-line tests.",
+    "base": {
+        "data": {"name": "mfeat", "views": ["fou", "kar"]},
+        "model": {"name": "mlp-streams", "hidden": 16},
+        "train": {"epochs": 3, "batch_size": 128, "threads": 1},
+    },
+    "grid": {"fusion.name": ["concat", "sum", "max"]},
+    "seeds": [0, 1],
+    "baseline": {"fusion.name": "concat"},
+}
+SRC = Path(__file__).resolve().parents[1] / "src" / "fuselab"
+
+
+def fuselab(*args: str, out: Path, cwd: Path | None = None, timeout: int = 600) -> tuple[int, str, str]:
+    """Run ``fuselab ARGS`` with stdout and stderr written to files (not a terminal); return the exit code
+    and both texts."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "80"}
+    env.pop("FORCE_COLOR", None)
+    stdout, stderr = out.with_suffix(".out"), out.with_suffix(".err")
+    with open(stdout, "w") as o, open(stderr, "w") as e:
+        proc = subprocess.run([sys.executable, "-m", "fuselab.cli", *args], stdout=o, stderr=e, env=env,
+                              cwd=cwd, timeout=timeout)
+    return proc.returncode, stdout.read_text(), stderr.read_text()
+
+
+@pytest.fixture(scope="module")
+def week(tmp_path_factory, data_root):
+    """The trained experiment: (folder, spec file, store, compare's stdout)."""
+    folder = tmp_path_factory.mktemp("week")
+    spec_file = folder / "tiny-week.yaml"
+    spec_file.write_text(yaml.safe_dump(SPEC, sort_keys=False))
+    store = folder / "store"
+    code, out, err = fuselab("compare", str(spec_file), "--store", str(store), "--jobs", "1", out=folder / "compare")
+    assert code == 0, err
+    return folder, spec_file, store, out
+
+
+def _curves(method_offset: float) -> pd.DataFrame:
+    rows = []
+    for corruption in ("noise", "drop"):
+        for modality in ("fou", "kar"):
+            for level in (0.0, 0.5, 1.0):
+                rows.append({"corruption": corruption, "modality": modality, "mode": "zeros", "level": level,
+                             "accuracy": 0.9 - 0.4 * level + method_offset})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. plot style in one public module; experiments never import the report package
+# ----------------------------------------------------------------------------------------------
+
+
+def test_experiments_package_never_imports_the_report_package():
+    offenders = []
+    for file in sorted((SRC / "experiments").glob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{file.name}: {n}" for n in names if n.startswith("fuselab.report")]
+    assert offenders == []
+
+
+def test_report_draws_robustness_bars_offset_and_says_what_they_are(week, monkeypatch):
+    """``fuselab report`` (output not a terminal) on runs with robustness curves: the methods' error bars at
+    one level sit at distinct x positions around the true level, and both captions name the bars."""
+    from typer.testing import CliRunner
+
+    import fuselab.report.plots as plots
+    import fuselab.report.robustness as robustness
+    from fuselab.cli import app
+    from fuselab.experiments.store import Store
+
+    folder, _, store, _ = week
+    st = Store(store)
+    for i, run in enumerate(r for r in st.experiment_runs("tiny-week") if r["status"] == "done"):
+        offset = {"concat": 0.0, "sum": 0.02, "max": -0.02}[run["method"]] + 0.01 * run["seed"]
+        _curves(offset).to_csv(st.run_dir(run["run_id"]) / "robustness.csv", index=False)
+    seen: dict[str, list[list[float]]] = {}
+
+    def capture(module, name):
+        real = module.save_figure
+
+        def save(fig, stem, formats=("png",)):
+            if Path(stem).name == name:
+                seen[name] = [list(c.lines[0].get_xdata()) for c in fig.axes[0].containers]
+            return real(fig, stem, formats)
+
+        monkeypatch.setattr(module, "save_figure", save)
+
+    capture(plots, "robustness")
+    capture(robustness, "robustness_modalities")
+    result = CliRunner().invoke(app, ["report", "tiny-week", "--store", str(store), "--no-flops", "--no-html"])
+    assert result.exit_code == 0, result.output
+    assert "plots" in result.output.splitlines()[-1]
+    for name in ("robustness", "robustness_modalities"):
+        xs = seen[name]
+        assert len(xs) == 3  # one series per method
+        at_half = sorted(x[1] for x in xs)  # the three methods' points at level 0.5
+        assert at_half[0] < 0.5 < at_half[2] and at_half[1] == pytest.approx(0.5)
+        assert at_half[2] - at_half[0] <= 0.5 / 3 + 1e-9  # within a third of the gap between levels
+    report = (store / "tiny-week" / "report" / "report.md").read_text()
+    assert report.count("error bars: ± std over seeds (methods offset slightly along the level axis") == 2
+
+
+def test_style_module_is_public_and_dodge_centres_the_offsets():
+    from fuselab.report import style
+
+    assert [style.dodge(i, 3, 0.3) for i in range(3)] == pytest.approx([-0.05, 0.0, 0.05])
+    assert style.dodge(0, 1, 0.3) == 0.0 and style.dodge(1, 2, float("nan")) == 0.0
+    assert style.style_for(0) != style.style_for(8) and style.style_for(8)["color"] == style.style_for(0)["color"]
+    assert style.axis_label("epoch", "zh") == "轮次" and style.TEXT_WIDTH > style.COLUMN_WIDTH
+    with style.paper_style():
+        import matplotlib
+
+        assert matplotlib.rcParams["font.size"] == 8
