@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 import fuselab.api as api
 from fuselab.models.heads import ClassificationHead, DenseHead
+from fuselab.models.merging import merge_and_head
 from fuselab.models.multistream import (
     MultiScaleMerge,
     MultiStream,
@@ -200,10 +201,8 @@ def conv_streams(
     n_stages = len(widths)
     fuse_stages = resolve_fuse_stages(fuse_at, n_stages)
     at = None if fuse_stages is not None else resolve_fuse_at(fuse_at, n_stages)
-    fusion = dict(fusion)
-    name = fusion.pop("name")
-    if api.fusion_info(name).produces_logits:
-        raise ValueError(f"fusion '{name}' merges logits; conv-streams takes a feature merge")
+    point = merge_and_head(fusion, num_classes=num_classes,
+                           logits_error="fusion '{name}' merges logits; conv-streams takes a feature merge")
     exchange = dict(exchange or {})
     exchange_name = exchange.pop("name", None)
     if exchange_name is not None:
@@ -229,7 +228,7 @@ def conv_streams(
     head_neck: nn.Module | None = None
 
     if fuse_stages is not None:
-        merges = {s: api.create_fusion(name, dims={m: widths[s] for m in modalities}, **fusion) for s in fuse_stages}
+        merges = {s: point.merge({m: widths[s] for m in modalities}) for s in fuse_stages}
         merge: nn.Module = MultiScaleMerge(steps, merges)
         width = neck_width or widths[0]
         head_neck = make_neck(neck or "fpn", [merges[s].out_dim for s in fuse_stages], width, rates=rates, bins=bins)
@@ -238,7 +237,7 @@ def conv_streams(
             raise ValueError("model.modality_heads needs a single fusion point, not a list of stages")
     else:
         in_dims = dict(dims) if at == -1 else {m: widths[at] for m in modalities}
-        merge = api.create_fusion(name, dims=in_dims, **fusion)
+        merge = point.merge(in_dims)
         trunk_stages = [
             conv_stage(s, merge.out_dim if s == at + 1 else widths[s - 1], widths[s], blocks=blocks, stem_blocks=stem_blocks)
             for s in range(at + 1, n_stages)
@@ -252,8 +251,8 @@ def conv_streams(
             if trunk is not None:
                 trunk, head_neck = nn.Sequential(trunk, head_neck), None
             fused_width = width
-    head: nn.Module = DenseHead(fused_width, num_classes, dropout=dropout) if dense else ClassificationHead(
-        fused_width, num_classes, dropout=dropout)
+    head = point.head(fused_width, make=lambda width: DenseHead(width, num_classes, dropout=dropout) if dense
+                      else ClassificationHead(width, num_classes, dropout=dropout))
     heads = None
     if modality_heads and at is not None and at >= 0:
         heads = {m: ClassificationHead(widths[at], num_classes) for m in modalities}

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-import fuselab.api as api
 from fuselab.fusion.base import FORM_RANK
+from fuselab.models.merging import merge_and_head
 from fuselab.models.multistream import MultiStream
 from fuselab.registry import MODELS
 
@@ -180,18 +180,12 @@ def custom_streams(
                                  "expected (B, D), (B, N, D) or (B, C, H, W) with the batch first")
             widths[m] = int(out.shape[1] if out.dim() == 4 else out.shape[-1])
         forms.add(form)
-    fusion = dict(fusion)
-    name = fusion.pop("name")
-    info = api.fusion_info(name)
+    point = merge_and_head(fusion, num_classes=num_classes)
     if len(forms) > 1:
         raise ValueError(f"encoders return different forms ({', '.join(sorted(forms))}); make them agree")
     form = forms.pop()
-    if form not in info.forms:
-        raise ValueError(f"fusion '{name}' takes {', '.join(info.forms)}, but the encoders return {form}")
-    if info.produces_logits:
-        fusion["out_dim"] = num_classes
-    merge = api.create_fusion(name, dims=widths, **fusion)
-    head = None
-    if not info.produces_logits:
-        head = nn.Sequential(GlobalPool(), nn.Dropout(dropout), nn.Linear(merge.out_dim, num_classes))
+    if form not in point.info.forms:
+        raise ValueError(f"fusion '{point.name}' takes {', '.join(point.info.forms)}, but the encoders return {form}")
+    merge = point.merge(widths)
+    head = point.head(merge.out_dim, make=lambda width: nn.Sequential(GlobalPool(), nn.Dropout(dropout), nn.Linear(width, num_classes)))
     return MultiStream(encoders=modules, merge=merge, head=head)

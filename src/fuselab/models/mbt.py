@@ -41,7 +41,8 @@ from fuselab.layers.tokenizers import (
     TokenStem,
 )
 from fuselab.layers.transformer import transformer_blocks
-from fuselab.models.multistream import MultiStream, PerModality, SingleStream, StreamSequence
+from fuselab.models.merging import merge_and_head
+from fuselab.models.multistream import MultiStream, PerModality, StreamSequence
 from fuselab.registry import FUSIONS, MODELS
 
 TOKENIZERS = ("feature", "patch", "spectrogram", "auto")
@@ -226,16 +227,9 @@ def mbt(
     pooling = ClassTokenPool if classifier == "token" else MeanPool
     pool = {m: nn.Sequential(final_norm or nn.LayerNorm(width), pooling()) for m in modalities}
 
-    fusion = dict(fusion)
-    name = fusion.pop("name")
-    produces_logits = api.fusion_info(name).produces_logits and not unimodal
-    if produces_logits:
-        fusion["out_dim"] = num_classes
-    if unimodal:
-        merge = SingleStream({modalities[0]: width})
-    else:
-        merge = api.create_fusion(name, dims={m: width for m in modalities}, **fusion)
-    head = None if produces_logits else nn.Sequential(nn.Dropout(dropout), nn.Linear(merge.out_dim, num_classes))
+    point = merge_and_head(fusion, num_classes=num_classes, unimodal=unimodal)
+    merge = point.merge({m: width for m in modalities})
+    head = point.head(merge.out_dim, dropout=dropout)
     heads_per_modality = {m: nn.Linear(width, num_classes) for m in modalities} if modality_heads else None
     return MultiStream(encoders=encoders, exchange=exchange_module, pool=pool, merge=merge, head=head,
                        modality_heads=heads_per_modality)

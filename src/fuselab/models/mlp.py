@@ -7,8 +7,8 @@ from typing import Any
 
 from torch import nn
 
-import fuselab.api as api
-from fuselab.models.multistream import MultiStream, SingleStream, resolve_fuse_at
+from fuselab.models.merging import merge_and_head
+from fuselab.models.multistream import MultiStream, resolve_fuse_at
 from fuselab.registry import MODELS
 
 NORMS = {"layer": nn.LayerNorm, "batch": nn.BatchNorm1d, "none": None}
@@ -53,28 +53,23 @@ def mlp_streams(
         raise ValueError(f"model.norm must be one of {', '.join(NORMS)}, got {norm!r}")
     if layers < 1:
         raise ValueError(f"model.layers must be at least 1, got {layers}")
-    fusion = dict(fusion)
-    name = fusion.pop("name")
     at = resolve_fuse_at(fuse_at, layers)
-    unimodal = len(dims) == 1  # a unimodal baseline: no merge, the fusion section is ignored
-    produces_logits = api.fusion_info(name).produces_logits and not unimodal
-    if produces_logits:
-        if at != layers - 1:
-            raise ValueError(f"fusion '{name}' merges logits; use it with model.fuse_at=last")
-        fusion["out_dim"] = num_classes
+    # one modality is a unimodal baseline: no merge, the fusion section is ignored
+    point = merge_and_head(fusion, num_classes=num_classes, unimodal=len(dims) == 1,
+                           logits_error=None if at == layers - 1 else "fusion '{name}' merges logits; use it with model.fuse_at=last")
     encoders: dict[str, nn.Module] = {}
     stream_dims: dict[str, int] = {}
     for m, d in dims.items():
         stages = [mlp_stage(d if s == 0 else hidden, hidden, norm=norm, dropout=dropout) for s in range(at + 1)]
         encoders[m] = nn.Sequential(*stages) if stages else nn.Identity()
         stream_dims[m] = hidden if stages else d
-    merge = SingleStream(stream_dims) if unimodal else api.create_fusion(name, dims=stream_dims, **fusion)
+    merge = point.merge(stream_dims)
     trunk_stages = [
         mlp_stage(merge.out_dim if s == at + 1 else hidden, hidden, norm=norm, dropout=dropout)
         for s in range(at + 1, layers)
     ]
     fused_width = hidden if trunk_stages else merge.out_dim
-    head = None if produces_logits else nn.Sequential(nn.Dropout(dropout), nn.Linear(fused_width, num_classes))
+    head = point.head(fused_width, dropout=dropout)
     heads = {m: nn.Linear(w, num_classes) for m, w in stream_dims.items()} if modality_heads else None
     return MultiStream(
         encoders=encoders,
