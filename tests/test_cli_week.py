@@ -137,3 +137,52 @@ def test_style_module_is_public_and_dodge_centres_the_offsets():
         import matplotlib
 
         assert matplotlib.rcParams["font.size"] == 8
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. progress in a log file: one plain line per finished run
+# ----------------------------------------------------------------------------------------------
+
+LINE = re.compile(r"^\[(\d+)/6\] (\d+):(\d\d) elapsed, ETA (\?|\d+:\d\d)  (concat|sum|max) seed ([01]): "
+                  r"(trained|already in the store), test accuracy (\d+\.\d\d) %  \((\d+) failed\)$")
+
+
+def test_compare_prints_one_plain_line_per_finished_run_when_not_on_a_terminal(week):
+    _, _, store, out = week
+    lines = [LINE.match(line) for line in out.splitlines() if line.startswith("[")]
+    assert len(lines) == 6 and all(lines), out
+    assert [int(m.group(1)) for m in lines] == [1, 2, 3, 4, 5, 6]  # the count rises by one per run
+    assert {(m.group(5), m.group(6)) for m in lines} == {(f, s) for f in ("concat", "sum", "max") for s in "01"}
+    assert all(m.group(7) == "trained" and m.group(9) == "0" for m in lines)
+    assert lines[-1].group(4) == "0:00" and lines[0].group(4) != "?"  # an ETA from the first trained run on
+    assert "━" not in out and "\x1b[" not in out  # no bar, no colour codes in a log file
+    # the printed accuracy is the stored one
+    from fuselab.experiments.store import Store
+
+    stored = {(r["method"], str(r["seed"])): r["metrics"]["test_accuracy"] for r in Store(store).experiment_runs("tiny-week")}
+    for m in lines:
+        assert float(m.group(8)) == pytest.approx(stored[(m.group(5), m.group(6))] * 100, abs=0.006)
+
+
+def test_compare_again_reports_cached_runs_with_their_metric(week):
+    folder, spec_file, store, _ = week
+    code, out, err = fuselab("compare", str(spec_file), "--store", str(store), "--jobs", "1", out=folder / "again")
+    assert code == 0, err
+    lines = [LINE.match(line) for line in out.splitlines() if line.startswith("[")]
+    assert len(lines) == 6 and all(m and m.group(7) == "already in the store" for m in lines), out
+    assert "0 trained, 6 already in the store, 0 failed" in out
+
+
+def test_robustness_prints_one_plain_line_per_evaluated_run(week):
+    folder, _, store, _ = week
+    args = ("robustness", "tiny-week", "--store", str(store), "--levels", "0,0.5,1", "--corruptions", "noise")
+    code, out, err = fuselab(*args, out=folder / "robust")
+    assert code == 0, err
+    line = re.compile(r"^\[(\d)/6\] \d+:\d\d elapsed, ETA (\?|\d+:\d\d)  (concat|sum|max) seed [01]: "
+                      r"(evaluated|up to date)  \(0 failed\)$")
+    found = [line.match(x) for x in out.splitlines() if x.startswith("[")]
+    assert len(found) == 6 and all(m and m.group(4) == "evaluated" for m in found), out
+    assert "6 runs evaluated, 0 up to date" in out
+    code, out, err = fuselab(*args, out=folder / "robust-again")
+    found = [line.match(x) for x in out.splitlines() if x.startswith("[")]
+    assert code == 0 and len(found) == 6 and all(m and m.group(4) == "up to date" for m in found), out

@@ -133,6 +133,73 @@ def run_cmd(
     )
 
 
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class RunProgress:
+    """Progress of long work made of items (runs, evaluations, trials, methods): a rich bar when the console
+    is a terminal; otherwise one plain line per finished item, so that a log file under nohup or a batch
+    scheduler shows how far the work is::
+
+        [3/6] 0:12 elapsed, ETA 0:24  sum seed 1: trained, test accuracy 91.25 %  (0 failed)
+
+    The ETA divides the time so far by the items that did work (items read back from the store take no
+    time) and multiplies by the items left; it is "?" until one item has worked.
+    """
+
+    def __init__(self, total: int | None, *, label: str = "runs", out: Console | None = None) -> None:
+        self.total, self.label = total, label
+        self.console = out or console
+        self.finished = self.worked = self.failed = 0
+        self.start = time.perf_counter()
+        self.bar: Progress | None = None
+        self.task = None
+
+    def __enter__(self) -> "RunProgress":
+        self.start = time.perf_counter()
+        if self.console.is_terminal:
+            self.bar = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=self.console)
+            self.bar.__enter__()
+            self.task = self.bar.add_task(self.label, total=self.total, info="")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def print(self, message: str) -> None:
+        """A line above the bar (or in the log)."""
+        (self.bar.console if self.bar else self.console).print(message, markup=False, highlight=False)
+
+    def eta(self, elapsed: float) -> str:
+        left = (self.total or 0) - self.finished
+        if left <= 0:
+            return "0:00"
+        if not self.worked:
+            return "?"
+        return _clock(elapsed / self.worked * left)
+
+    def advance(self, what: str, status: str, *, detail: str = "", worked: bool = True, info: str = "") -> str:
+        """One item finished: ``what`` (e.g. "sum seed 1"), its status word, a detail such as its metric,
+        whether it took time, and the bar's summary text. Returns the plain line (printed off a terminal)."""
+        self.finished += 1
+        self.worked += bool(worked)
+        self.failed += status == "failed"
+        elapsed = time.perf_counter() - self.start
+        count = f"{self.finished}/{self.total}" if self.total else str(self.finished)
+        line = (f"[{count}] {_clock(elapsed)} elapsed, ETA {self.eta(elapsed)}  {what}: {status}"
+                f"{', ' + detail if detail else ''}  ({self.failed} failed)")
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, info=info)
+        else:
+            self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        return line
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -195,20 +262,27 @@ def compare_cmd(
     start = time.perf_counter()
     counts = {"done": 0, "cached": 0, "failed": 0, "skipped": 0}
     best: dict[str, list[float]] = {}
-    with Progress(TextColumn("[bold]runs"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                  TimeElapsedColumn(), console=console) as progress:
-        task = progress.add_task("runs", total=len(unique), info="")
+    key = f"test_{sp.metric}"
+    stored = {r["run_id"]: r["metrics"] for r in st.experiment_runs(sp.name) if r["status"] == "done" and r["metrics"]}
+    words = {"done": "trained", "cached": "already in the store", "failed": "failed",
+             "skipped": "left to another live process", "missing": "folder missing"}
+    with RunProgress(len(unique), label="runs") as progress:
 
         def on_outcome(o) -> None:
             counts[o.status] = counts.get(o.status, 0) + 1
-            if o.metrics:
-                best.setdefault(o.method, []).append(o.metrics[f"test_{sp.metric}"])
+            metrics = o.metrics or (stored.get(o.run_id) if o.status == "cached" else None)
+            value = (metrics or {}).get(key)
+            if value is not None:  # cached runs count too: the lead is over every finished run
+                best.setdefault(o.method, []).append(value)
             lead = max(best.items(), key=lambda kv: sum(kv[1]) / len(kv[1]), default=None)
             lead_text = f"best so far {lead[0]} {sum(lead[1]) / len(lead[1]) * 100:.2f}" if lead else ""
-            progress.update(task, advance=1, info=f"trained {counts['done']}, cached {counts['cached']}, "
-                                                 f"failed {counts['failed']}  {lead_text}")
-            if o.status == "failed":
-                progress.console.print(f"[red]failed[/] {o.method} seed {o.seed}: {o.error}")
+            detail = f"test {sp.metric} {value * 100:.2f} %" if value is not None else (o.error or "")
+            progress.advance(f"{o.method} seed {o.seed}", words.get(o.status, o.status),
+                             detail=detail.splitlines()[0] if detail else "", worked=o.status in ("done", "failed"),
+                             info=f"trained {counts['done']}, cached {counts['cached']}, "
+                                  f"failed {counts['failed']}  {lead_text}")
+            if o.status == "failed" and progress.bar is not None:
+                progress.print(f"failed {o.method} seed {o.seed}: {o.error}")
 
         try:
             with _interrupts_as_keyboard_interrupt():
@@ -338,11 +412,19 @@ def tune_cmd(
     console.print(f"[bold]{sp.name}[/]: tuning {len(method or sp.methods)} methods, {n} trials each on validation "
                   f"(seed {sp.seeds[0]}), {sp.direction} val {sp.metric}; storage {url}")
 
-    def on_trial(name: str, trial) -> None:
-        value = "pruned" if trial.value is None else f"{trial.value * 100:.2f}"
-        console.print(f"  {name} trial {trial.number}: {value} {trial.params}", highlight=False)
+    with RunProgress(n * len(method or sp.methods), label="trials") as progress:
 
-    results = tune_spec(sp, trials=n, storage=url, store=store, methods=method or None, on_trial=on_trial)
+        def on_trial(name: str, trial) -> None:
+            value = "pruned" if trial.value is None else f"{trial.value * 100:.2f}"
+            if progress.bar is not None:
+                progress.print(f"  {name} trial {trial.number}: {value} {trial.params}")
+            progress.advance(f"{name} trial {trial.number}", "pruned" if trial.value is None else "finished",
+                             detail=(f"val {sp.metric} {value} %, " if trial.value is not None else "")
+                             + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in trial.params.items()),
+                             info=f"{name} trial {trial.number}: {value}")
+
+        results = tune_spec(sp, trials=n, storage=url, store=store, methods=method or None, on_trial=on_trial)
     table = Table(title=f"best on validation ({sp.metric})")
     for col in ("method", "trials", "pruned", f"val {sp.metric}", "best values"):
         table.add_column(col)
@@ -376,10 +458,12 @@ def profile_cmd(
         from fuselab.train.config import ConfigError
 
         raise ConfigError("--repeat must be at least 1 and --warmup at least 0")
-    frame = profile_spec(sp, store=store, device=device, threads=threads, repeat=repeat, warmup=warmup,
-                         methods=method or None,
-                         on_method=lambda p: console.print(f"  {p.method}: {p.params:,} params, "
-                                                           f"{p.latency_b1_ms:.3f} ms at batch 1", highlight=False))
+    with RunProgress(len(method or sp.methods), label="profile") as progress:
+        frame = profile_spec(sp, store=store, device=device, threads=threads, repeat=repeat, warmup=warmup,
+                             methods=method or None,
+                             on_method=lambda p: progress.advance(
+                                 p.method, "profiled", detail=f"{p.params:,} params, {p.latency_b1_ms:.3f} ms at batch 1",
+                                 info=p.method))
     files = write_profile(frame, store, sp.name)
     console.print(files["markdown"].read_text(), markup=False, highlight=False)
     console.print(f"profile: {files['csv']} (the comparison report of '{sp.name}' shows these columns)")
@@ -427,12 +511,17 @@ def robustness_cmd(
         raise ConfigError(f"--levels '{levels}' must be start:stop:step or a comma-separated list of numbers") from None
     settings = RobustnessSettings(levels=grid, corruptions=tuple(c.strip() for c in corruptions.split(",") if c.strip()),
                                   missing=missing, noise_scale=noise_scale, device=device)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=errors, transient=True) as progress:
-        task = progress.add_task("robustness", total=None)
+    from fuselab.experiments.store import Store
+
+    st = Store(store)
+    st.experiment(experiment)  # an unknown experiment or store: one line before anything starts
+    total = sum(r["status"] == "done" for r in st.experiment_runs(experiment))
+    words = {"done": "evaluated", "cached": "up to date", "failed": "failed"}
+    with RunProgress(total, label="robustness") as progress:
 
         def on_run(run, status: str) -> None:
-            progress.update(task, advance=1, description=f"{run['method']} seed {run['seed']}: {status}")
+            progress.advance(f"{run['method']} seed {run['seed']}", words.get(status, status),
+                             worked=status != "cached", info=f"{run['method']} seed {run['seed']}: {status}")
 
         result = run_robustness(store, experiment, settings, force=force, on_run=on_run)
     console.print(result.markdown, markup=False, highlight=False)
@@ -583,7 +672,9 @@ def main(argv: list[str] | None = None) -> None:
         message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
         if isinstance(exc, PermissionError) and exc.filename:
             message = f"permission denied: '{exc.filename}'; pick a folder you can write (e.g. --store or --out)"
-        errors.print(f"[bold red]error:[/] {message.splitlines()[0] if message else type(exc).__name__}",
+        from rich.markup import escape  # a message's own brackets (pip install 'fuselab[mlflow]') are text
+
+        errors.print(f"[bold red]error:[/] {escape(message.splitlines()[0]) if message else type(exc).__name__}",
                      markup=True, highlight=False)
         sys.exit(2)
 
