@@ -1,7 +1,12 @@
 """fuselab: a PyTorch workbench for multimodal-fusion research."""
 
+from typing import Any
+
+import fuselab.data  # noqa: F401  (registers the built-in datasets)
+import fuselab.losses  # noqa: F401  (registers the built-in loss terms)
+import fuselab.models  # noqa: F401  (registers the built-in models)
 from fuselab.api import create_fusion, fusion_info, list_fusions
-from fuselab.experiments.results import load_results
+from fuselab.errors import ConfigError
 from fuselab.models.diagnostics import cross_modal_gradients, fusion_diagnostics, modality_dependence
 from fuselab.registry import (
     DATASETS,
@@ -17,7 +22,20 @@ from fuselab.registry import (
 
 __version__ = "0.1.0"
 
+# the store and run layers load on first use: ``import fuselab`` stays at the operators, models and data
+_LAZY = {"load_results": "fuselab.experiments.results", "load_run": "fuselab.train.session"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fuselab' has no attribute {name!r}")
+
+
 __all__ = [
+    "ConfigError",
     "DATASETS",
     "FUSIONS",
     "LOSSES",
@@ -29,6 +47,7 @@ __all__ = [
     "fusion_info",
     "list_fusions",
     "load_results",
+    "load_run",
     "modality_dependence",
     "register_dataset",
     "register_fusion",

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fuselab.train.config import ConfigError, make_config
+from fuselab.errors import ConfigError
+from fuselab.train.config import apply_overrides
+
+if TYPE_CHECKING:  # typing only: the spec calls match_widths when it plans with match_params
+    from fuselab.experiments.spec import Spec
 
 TOLERANCE = 0.05  # relative distance to the baseline's parameter count
 WIDTH_KEYS = ("hidden", "width", "channels")  # the width option of a model builder, first found
@@ -54,45 +57,32 @@ def parameter_count(cfg: Any, data: Any) -> int:
     import torch
 
     from fuselab.train.loop import count_parameters
-    from fuselab.train.run import build_model
+    from fuselab.train.session import build_checked_model
 
     with torch.random.fork_rng(devices=[]):
-        try:
-            return count_parameters(build_model(cfg, data))
-        except ValueError as exc:
-            raise ConfigError(str(exc).splitlines()[0]) from None
+        return count_parameters(build_checked_model(cfg, data))
 
 
-def match_widths(spec: Any, *, details: list[Match] | None = None) -> dict[str, dict[str, Any]]:
+def match_widths(spec: Spec, *, details: list[Match] | None = None) -> dict[str, dict[str, Any]]:
     """Per method (the baseline included) the width override that brings its parameter count within
     :data:`TOLERANCE` of the baseline's; ``details`` (a list) receives a :class:`Match` per method.
 
     Raises ``ConfigError`` when a method cannot get that close (its count does not grow with the width,
     or grows in steps larger than the tolerance).
     """
-    from fuselab.train.run import build_data
+    from fuselab.train.session import cached_data
 
     seed = spec.seeds[0]
-    data_cache: dict[str, Any] = {}
 
     def config(name: str, extra: dict[str, Any] | None = None) -> Any:
         method = next(m for m in spec.methods if m.name == name)
         overrides = {**method.overrides, **(extra or {})}  # matched before any tuning
-        from fuselab.experiments.spec import _dot_value
-
         try:
-            return make_config(spec.base, [f"{k}={_dot_value(v)}" for k, v in overrides.items()] + [f"seed={seed}"])
+            return apply_overrides(spec.base, overrides, seed=seed)
         except ConfigError as exc:
             raise ConfigError(f"spec '{spec.name}', method '{name}': {exc}") from None
 
-    def data_for(cfg: Any) -> Any:
-        from omegaconf import OmegaConf
-
-        key = json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True)
-        if key not in data_cache:
-            data_cache[key] = build_data(cfg)
-        return data_cache[key]
-
+    data_for = cached_data
     base_cfg = config(spec.baseline)
     target = parameter_count(base_cfg, data_for(base_cfg))
     out: dict[str, dict[str, Any]] = {}

@@ -47,7 +47,7 @@ def train_remote(config: dict[str, Any], threads: int, plugins: tuple[str, ...])
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "run"
             result = execute(cfg, folder)
-            from fuselab.experiments.runner import record_flops
+            from fuselab.train.flops import record_flops
 
             result.metrics["flops"] = record_flops(cfg, folder)  # as local runs record it
             buffer = io.BytesIO()

@@ -98,6 +98,7 @@ def train_claimed(store_root: str, run_id: str, claim: str, method: str, seed: i
     folder seeded with the state an earlier attempt saved."""
     from fuselab.plugins import load_plugins
     from fuselab.train.config import make_config
+    from fuselab.train.flops import record_flops
     from fuselab.train.run import execute  # imported in the worker
 
     store = Store(store_root)
@@ -215,43 +216,6 @@ def _record_attempt(folder: Path, claim: str, started: float, epochs: list[int])
     attempts.append({"owner": claim, "started": started, "finished": time.time(),
                      "first_epoch": epochs[0] if epochs else None, "epochs_trained": len(epochs)})
     file.write_text(json.dumps(attempts, indent=2))
-
-
-_FLOPS: dict[str, float | None] = {}  # FLOPs per sample per model config, counted once per process
-_FLOPS_DATA: dict[str, Any] = {}  # the last dataset built for counting
-
-
-def record_flops(cfg: Any, run_dir: Any = None) -> float | None:
-    """FLOPs per sample of a run's model (``experiments.profile.flops_per_sample``, attention counted), counted once
-    per model config in this process and written to ``<run_dir>/flops.json`` and its ``metrics.json``;
-    None when the model cannot be counted (a run never fails for it)."""
-    import json
-    from pathlib import Path
-
-    from fuselab.experiments.profile import flops_per_sample
-    from fuselab.train.run import build_data
-
-    container = OmegaConf.to_container(cfg, resolve=True)
-    key = json.dumps({k: container.get(k) for k in ("data", "model", "fusion", "exchange", "loss")}, sort_keys=True, default=str)
-    if key not in _FLOPS:
-        try:
-            data_key = json.dumps(container.get("data"), sort_keys=True, default=str)
-            if data_key not in _FLOPS_DATA:  # the split's seed does not change the count
-                _FLOPS_DATA.clear()
-                _FLOPS_DATA[data_key] = build_data(cfg)
-            _FLOPS[key] = float(flops_per_sample(cfg, _FLOPS_DATA[data_key]))
-        except Exception:  # noqa: BLE001 - a model the counter cannot trace still trains and reports
-            _FLOPS[key] = None
-    flops = _FLOPS[key]
-    if run_dir is not None and flops is not None:
-        folder = Path(run_dir)
-        (folder / "flops.json").write_text(json.dumps({"flops_per_sample": flops, "counter": "torch.utils.flop_counter", "mode": "eval"}))
-        metrics_file = folder / "metrics.json"
-        if metrics_file.is_file():
-            metrics = json.loads(metrics_file.read_text())
-            metrics["flops"] = flops
-            metrics_file.write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))
-    return flops
 
 
 def prepare(spec: Spec, store: Store, *, on_trial: Callable[[str, Any], None] | None = None) -> list[PlannedRun]:

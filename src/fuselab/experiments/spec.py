@@ -17,7 +17,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from fuselab.train.config import ConfigError, make_config, read_yaml
+from fuselab.errors import ConfigError
+from fuselab.experiments.space import check_space, parse_space
+from fuselab.train.config import apply_overrides, read_yaml
 
 SPEC_KEYS = ("name", "description", "base", "grid", "variants", "seeds", "baseline", "metric", "plugins",
              "search", "direction", "budget", "match_params", "trials")
@@ -26,6 +28,7 @@ METRICS = ("accuracy", "macro_f1", "kappa", "f1_change", "iou_change", "miou")  
 # execution details: they change how a run executes, not what it computes, so they are not in its id
 EXECUTION_KEYS = (
     "train.threads", "train.tensorboard", "train.checkpoint", "train.eval_batch_size", "train.checkpoint_every",
+    "train.logger", "train.mlflow_uri",
 )
 
 # config keys added after runs were first stored, with the values that mean "as before they existed": at
@@ -89,31 +92,30 @@ class Spec:
             self.matched = match_widths(self)
         return {**method.overrides, **(self.matched or {}).get(name, {}), **self.tuned.get(name, {})}
 
+    def config(self, method: str, seed: int | None = None) -> DictConfig:
+        """The resolved run config of ``method`` (its overrides, matched width and tuned values over the base)
+        for ``seed`` (default: the first seed): the one way a spec becomes a run config."""
+        seed = self.seeds[0] if seed is None else seed
+        overrides = self.method_overrides(method)
+        try:
+            cfg = apply_overrides(self.base, overrides, seed=seed)
+        except ConfigError as exc:
+            raise ConfigError(f"spec '{self.name}', method '{method}': {exc}") from None
+        if cfg.train.devices > 1 or cfg.train.num_nodes > 1:
+            raise ConfigError(
+                f"spec '{self.name}', method '{method}': train.devices/num_nodes > 1 spread one run over "
+                "several devices; launch it with `fuselab run` (torchrun or SLURM), compare trains one device per run"
+            )
+        return cfg
+
     def plan(self) -> list[PlannedRun]:
         """Every (method, seed) run with its resolved config, checked before anything runs."""
         runs = []
         for method in self.methods:
-            chosen = self.method_overrides(method.name)
             for seed in self.seeds:
-                overrides = [f"{k}={_dot_value(v)}" for k, v in chosen.items()] + [f"seed={seed}"]
-                try:
-                    cfg = make_config(self.base, overrides)
-                except ConfigError as exc:
-                    raise ConfigError(f"spec '{self.name}', method '{method.name}': {exc}") from None
-                if cfg.train.devices > 1 or cfg.train.num_nodes > 1:
-                    raise ConfigError(
-                        f"spec '{self.name}', method '{method.name}': train.devices/num_nodes > 1 spread one run over "
-                        "several devices; launch it with `fuselab run` (torchrun or SLURM), compare trains one device per run"
-                    )
+                cfg = self.config(method.name, seed)
                 runs.append(PlannedRun(run_id(cfg), method.name, seed, cfg))
         return runs
-
-
-def _dot_value(value: Any) -> str:
-    """A value as OmegaConf's dotlist parser reads it back (lists and dicts as YAML flow)."""
-    if isinstance(value, str):
-        return value
-    return json.dumps(value)
 
 
 def run_id(cfg: DictConfig) -> str:
@@ -219,7 +221,7 @@ def parse_spec(
         raise ConfigError("spec key 'seeds' must be a non-empty list of integers (or a count)")
     for method in methods:  # every grid key and override must be a config key, before anything else
         try:
-            make_config(base, [f"{k}={_dot_value(v)}" for k, v in method.overrides.items()])
+            apply_overrides(base, method.overrides)
         except ConfigError as exc:
             raise ConfigError(f"spec '{name}', method '{method.name}': {exc}") from None
     metric = str(raw.get("metric", "accuracy"))
@@ -229,8 +231,6 @@ def parse_spec(
     spec = Spec(name, base, methods, list(seeds), baseline, metric, str(raw.get("description", "")), raw, resolved,
                 **_fairness_options(raw, name))
     if spec.search:
-        from fuselab.experiments.tune import check_space
-
         check_space(spec)  # every search key must be a config key of at least one method
     return spec
 
@@ -258,8 +258,6 @@ def check_method_name(method: str, spec_name: str) -> str:
 
 def _fairness_options(raw: dict[str, Any], name: str) -> dict[str, Any]:
     """The tuning and fair-comparison keys of a spec, checked."""
-    from fuselab.experiments.tune import parse_space
-
     search = raw.get("search") or {}
     parse_space(search)  # raises a ConfigError naming the bad entry
     direction = str(raw.get("direction", "maximize"))

@@ -31,85 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from fuselab.data.core import DataBundle, ModalTensors
-from fuselab.train.config import ConfigError, make_config
+from fuselab.errors import ConfigError
+from fuselab.experiments.spec import Spec
+from fuselab.experiments.space import KINDS, Param, check_space, method_space, parse_space, suggest  # noqa: F401  (re-exported)
+from fuselab.train.config import apply_overrides
 
-KINDS = ("loguniform", "uniform", "int", "logint", "choice")
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")  # trial states that count against a study's budget
-
-
-@dataclasses.dataclass
-class Param:
-    key: str  # dotted config key
-    kind: str  # one of KINDS
-    args: list[Any]  # [low, high] or the choices
-
-
-def parse_space(search: Any) -> list[Param]:
-    """The search space of a spec's ``search`` block, checked (``ConfigError`` names the bad entry)."""
-    if not search:
-        return []
-    if not isinstance(search, dict):
-        raise ConfigError("spec key 'search' must map dotted config keys to {kind: [low, high]}")
-    space = []
-    for key, entry in search.items():
-        if "." not in str(key):
-            raise ConfigError(f"search key '{key}' must be a dotted config key, e.g. train.lr")
-        if not isinstance(entry, dict) or len(entry) != 1 or next(iter(entry)) not in KINDS:
-            raise ConfigError(f"search key '{key}' must be one of {{{': ..., '.join(KINDS)}: ...}}, got {entry!r}")
-        kind, args = next(iter(entry.items()))
-        if not isinstance(args, list) or not args:
-            raise ConfigError(f"search key '{key}': {kind} needs a list, e.g. {{{kind}: [low, high]}}")
-        if kind != "choice":
-            numeric = all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
-            if len(args) != 2 or not numeric or not args[0] < args[1]:
-                raise ConfigError(f"search key '{key}': {kind} needs [low, high] with low < high, got {args}")
-            if kind in ("int", "logint") and not all(isinstance(a, int) for a in args):
-                raise ConfigError(f"search key '{key}': {kind} bounds must be integers, got {args}")
-            if kind in ("loguniform", "logint") and args[0] <= 0:
-                raise ConfigError(f"search key '{key}': {kind} needs a positive low bound, got {args[0]}")
-        space.append(Param(str(key), kind, list(args)))
-    return space
-
-
-def suggest(trial: Any, space: Sequence[Param]) -> dict[str, Any]:
-    """One value per parameter from an Optuna trial."""
-    values: dict[str, Any] = {}
-    for p in space:
-        if p.kind == "loguniform":
-            values[p.key] = trial.suggest_float(p.key, float(p.args[0]), float(p.args[1]), log=True)
-        elif p.kind == "uniform":
-            values[p.key] = trial.suggest_float(p.key, float(p.args[0]), float(p.args[1]))
-        elif p.kind in ("int", "logint"):
-            values[p.key] = trial.suggest_int(p.key, p.args[0], p.args[1], log=p.kind == "logint")
-        else:
-            values[p.key] = trial.suggest_categorical(p.key, p.args)
-    return values
-
-
-def _applies(spec: Any, method: str, param: Param) -> bool:
-    from fuselab.experiments.spec import _dot_value
-
-    overrides = {**next(m for m in spec.methods if m.name == method).overrides, param.key: param.args[0]}
-    try:
-        make_config(spec.base, [f"{k}={_dot_value(v)}" for k, v in overrides.items()])
-    except ConfigError as exc:
-        if str(exc).startswith("unknown config"):
-            return False
-        raise ConfigError(f"spec '{spec.name}', method '{method}', search key '{param.key}': {exc}") from None
-    return True
-
-
-def method_space(spec: Any, method: str) -> list[Param]:
-    """The parameters of the spec's search space that the method's config has."""
-    return [p for p in parse_space(spec.search) if _applies(spec, method, p)]
-
-
-def check_space(spec: Any) -> None:
-    """Every search key must apply to at least one method of the spec."""
-    used = {p.key for m in spec.methods for p in method_space(spec, m.name)}
-    for p in parse_space(spec.search):
-        if p.key not in used:
-            raise ConfigError(f"search key '{p.key}' is a config key of no method of spec '{spec.name}'")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,44 +212,30 @@ def default_storage(store: str | Path, experiment: str) -> str:
     return f"sqlite:///{(folder / 'optuna.sqlite').resolve()}"
 
 
-def validation_objective(spec: Any, method: str, *, seed: int | None = None,
+def validation_objective(spec: Spec, method: str, *, seed: int | None = None,
                          build_data: Callable[[Any], DataBundle] | None = None) -> Objective:
     """The objective of one method: train on ``seed``'s (default: the first seed's) training split with the
     trial's values and return the validation ``spec.metric`` of the selected checkpoint. The data is built
     once (per data section) and its test split sealed before any trial sees it."""
-    import torch
-    from omegaconf import OmegaConf
-
-    from fuselab.experiments.spec import _dot_value
-    from fuselab.losses import WeightedLoss
-    from fuselab.train.config import section
-    from fuselab.train.loop import fit, make_fabric
-    from fuselab.train.run import build_data as default_build, build_model
+    from fuselab.train.loop import fit
+    from fuselab.train.session import cached_data, data_key, prepare_run
 
     seed = spec.seeds[0] if seed is None else seed
-    build = build_data or default_build
+    build = build_data or cached_data
     fixed = spec.method_overrides(method)
     metric = spec.metric
-    cache: dict[str, DataBundle] = {}
+    sealed: dict[str, DataBundle] = {}  # the process cache holds the bundle; the sealed view is kept here
 
     def objective(values: dict[str, Any], report: Callable[[int, float], None]) -> float:
         overrides = {**fixed, **values}
-        cfg = make_config(spec.base, [f"{k}={_dot_value(v)}" for k, v in overrides.items()] + [f"seed={seed}"])
-        key = json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True)
-        if key not in cache:
-            cache[key] = seal_test(build(cfg))
-        data = cache[key]
-        tcfg = OmegaConf.to_object(cfg.train)
-        if tcfg.threads:
-            torch.set_num_threads(int(tcfg.threads))
-        torch.set_flush_denormal(True)
-        fabric = make_fabric(tcfg)
-        fabric.seed_everything(seed, verbose=False)
-        try:
-            model = build_model(cfg, data)
-            loss = WeightedLoss(section(cfg, "loss")["terms"])
-        except ValueError as exc:
-            raise ConfigError(str(exc).splitlines()[0]) from None
+        cfg = apply_overrides(spec.base, overrides, seed=seed)
+        key = data_key(cfg)
+        if key not in sealed:
+            sealed[key] = seal_test(build(cfg))
+        session = prepare_run(cfg, data=sealed[key])
+        tcfg, fabric = session.train, session.fabric
+        model = session.model()
+        loss = session.loss()
 
         every = max(1, tcfg.epochs // REPORTS_PER_TRIAL)
 
@@ -330,28 +243,25 @@ def validation_objective(spec: Any, method: str, *, seed: int | None = None,
             if (epoch + 1) % every == 0 or epoch + 1 == tcfg.epochs:
                 report(epoch, row[f"val_{metric}"])
 
-        result = fit(model, data, loss, tcfg, seed=seed, fabric=fabric, on_epoch=on_epoch, evaluate_test=False)
+        result = fit(model, session.data, loss, tcfg, seed=seed, fabric=fabric, on_epoch=on_epoch, evaluate_test=False)
         return float(result.val[metric])
 
     return objective
 
 
-def study_name(spec: Any, method: str, space: Sequence[Param]) -> str:
+def study_name(spec: Spec, method: str, space: Sequence[Param]) -> str:
     """``<spec>/<method>/<hash>``: the hash covers the method's resolved config (first seed), the space, the
     metric and the direction, so a changed spec starts a new study instead of mixing objectives."""
     from omegaconf import OmegaConf
 
-    from fuselab.experiments.spec import _dot_value
-
-    overrides = spec.method_overrides(method)
-    cfg = make_config(spec.base, [f"{k}={_dot_value(v)}" for k, v in overrides.items()] + [f"seed={spec.seeds[0]}"])
+    cfg = spec.config(method, spec.seeds[0])
     blob = json.dumps({"config": OmegaConf.to_container(cfg, resolve=True), "space": [dataclasses.asdict(p) for p in space],
                        "metric": spec.metric, "direction": spec.direction}, sort_keys=True, default=str)
     return f"{spec.name}/{method}/{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
 def tune_spec(
-    spec: Any,
+    spec: Spec,
     *,
     trials: int | None = None,
     storage: str | None = None,
@@ -411,7 +321,7 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def tuned_spec(spec: Any, results: dict[str, MethodTuning]) -> dict[str, Any]:
+def tuned_spec(spec: Spec, results: dict[str, MethodTuning]) -> dict[str, Any]:
     """A spec that runs the tuned methods over the spec's seeds: one variant per method with its own
     overrides, its matched width (``match_params``) and its best values; no search, equal epochs."""
     source = spec.source or {}
@@ -436,7 +346,7 @@ def tuned_spec(spec: Any, results: dict[str, MethodTuning]) -> dict[str, Any]:
     return raw
 
 
-def write_tuned_spec(spec: Any, results: dict[str, MethodTuning], path: str | Path) -> Path:
+def write_tuned_spec(spec: Spec, results: dict[str, MethodTuning], path: str | Path) -> Path:
     import yaml
 
     path = Path(path)
@@ -447,7 +357,7 @@ def write_tuned_spec(spec: Any, results: dict[str, MethodTuning], path: str | Pa
     return path
 
 
-def apply_equal_trials(spec: Any, store: str | Path, *, storage: str | None = None,
+def apply_equal_trials(spec: Spec, store: str | Path, *, storage: str | None = None,
                        on_trial: Callable[[str, Any], None] | None = None) -> dict[str, MethodTuning]:
     """``budget: equal-trials``: tune each method with ``spec.trials`` trials and make its best values part
     of its overrides (``spec.tuned``), so the planned runs carry them."""

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,11 +23,8 @@ from omegaconf.errors import OmegaConfBaseException
 import fuselab.data  # noqa: F401  (registers datasets)
 import fuselab.losses  # noqa: F401  (registers loss terms)
 import fuselab.models  # noqa: F401  (registers models)
+from fuselab.errors import ConfigError
 from fuselab.registry import DATASETS, FUSIONS, LOSSES, MODELS
-
-
-class ConfigError(ValueError):
-    """A user error in a config, spec or command line: reported as one line, exit code 2."""
 
 
 @dataclasses.dataclass
@@ -54,6 +52,8 @@ class TrainConfig:
     threads: Optional[int] = None  # torch intra-op threads for this run; None keeps torch's default
     eval_batch_size: int = 1024  # samples per forward pass in validation and test
     tensorboard: bool = False  # also write TensorBoard event files (CSV logs are always written)
+    logger: Any = "csv"  # experiment trackers: csv (always written), mlflow, tensorboard, or a list such as [csv, mlflow]
+    mlflow_uri: Optional[str] = None  # MLflow tracking URI (sqlite:///..., http://host:5000); None = mlflow.db in the run folder
     checkpoint: bool = True  # save the best-on-validation weights in the run folder
     checkpoint_every: float = 30.0  # seconds between resumable training states in a run under a store
     modality_dropout: Any = 0.0  # per training sample, the probability of dropping each modality (its stream is zeroed at the encoder's output, so a dropped encoder gets no gradient): one number for every modality or {modality: probability}; 0 = off
@@ -152,6 +152,23 @@ def make_config(base: dict[str, Any] | None = None, overrides: Sequence[str] = (
         raise _omegaconf_error(exc) from None
     validate(cfg)
     return cfg
+
+
+def dot_value(value: Any) -> str:
+    """A value as OmegaConf's dotlist parser reads it back (lists and dicts as YAML flow)."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+def apply_overrides(base: dict[str, Any] | None, overrides: Mapping[str, Any] | None = None, *,
+                    seed: int | None = None) -> DictConfig:
+    """The resolved run config of ``base`` with dotted ``overrides`` (``{"fusion.name": "sum"}``, values of any
+    type) and, when given, ``seed``: the one way every spec, tuning and matching step builds a run config."""
+    items = [f"{k}={dot_value(v)}" for k, v in (overrides or {}).items()]
+    if seed is not None:
+        items.append(f"seed={int(seed)}")
+    return make_config(base, items)
 
 
 def _merge_sections(cfg: DictConfig, update: dict[str, Any]) -> DictConfig:
@@ -277,6 +294,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.train.lr <= 0:
         raise ConfigError(f"config key 'train.lr' must be positive, got {cfg.train.lr}")
     _check_optimizer(cfg.train)
+    from fuselab.train.loggers import check_loggers  # imports this module
+
+    check_loggers(cfg.train)
 
 
 def _check_optimizer(train: Any) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import os
 import platform
@@ -22,10 +21,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fuselab.data.core import DataBundle
-from fuselab.losses import WeightedLoss
-from fuselab.registry import DATASETS, MODELS
-from fuselab.train.config import ConfigError, section
-from fuselab.train.loop import FitResult, count_parameters, fit, make_fabric
+from fuselab.train.loop import FitResult, count_parameters, fit
+from fuselab.train.session import build_data, build_model, prepare_run  # noqa: F401  (build_data, build_model: re-exported)
 
 
 @dataclass
@@ -33,34 +30,6 @@ class RunResult:
     metrics: dict[str, Any]  # test_* and val_* metrics, params, best_epoch, seconds
     history: list[dict[str, float]]
     fit: FitResult
-
-
-def build_data(cfg: DictConfig) -> DataBundle:
-    options = section(cfg, "data")
-    name = options.pop("name")
-    return DATASETS.get(name)(seed=int(cfg.seed), **options)
-
-
-def build_model(cfg: DictConfig, data: DataBundle) -> torch.nn.Module:
-    options = section(cfg, "model")
-    name = options.pop("name")
-    if any(t["name"] == "aux-unimodal" for t in section(cfg, "loss")["terms"]):
-        options.setdefault("modality_heads", True)
-    exchange = section(cfg, "exchange") if "exchange" in cfg else {}
-    if exchange:
-        options["exchange"] = exchange
-    builder = MODELS.get(name)
-    if data.task != "classification" and "dense" in inspect.signature(builder).parameters:
-        options.setdefault("dense", True)  # per-pixel logits for the dense tasks
-    if "example" in inspect.signature(builder).parameters:  # builders that measure their encoders' outputs
-        options["example"] = data.train.take(torch.arange(min(2, len(data.train))))[0]
-    model = builder(dims=data.dims, num_classes=data.num_classes, fusion=section(cfg, "fusion"), **options)
-    terms = {t["name"] for t in section(cfg, "loss")["terms"]}
-    needed = [t for t in getattr(model, "required_loss_terms", ()) if t not in terms]
-    if needed:  # e.g. CEN: each stream is trained only by its own head's loss
-        raise ConfigError(f"model {name} needs loss term '{needed[0]}' (each stream learns from its own head); add it, "
-                          f"e.g. loss.terms='[{{name: ce}}, {{name: {needed[0]}}}]'")
-    return model
 
 
 def pool_folds(results: list[FitResult], data: DataBundle) -> FitResult:
@@ -160,35 +129,19 @@ def execute(
     environment.json, the best checkpoint and the CSV (and optionally TensorBoard) logs there.
     ``resumable`` keeps a resumable training state in ``run_dir`` (removed when the run completes)."""
     tcfg = OmegaConf.to_object(cfg.train)
-    if tcfg.threads:
-        torch.set_num_threads(int(tcfg.threads))
-    torch.set_flush_denormal(True)  # products of many small factors must not fall into slow subnormals
     start = time.perf_counter()
-    loggers = []
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        from lightning_fabric.loggers import CSVLogger
+    from fuselab.train.loggers import build_loggers, log_run_end
 
-        loggers.append(CSVLogger(str(run_dir), name="logs", version=""))
-        if tcfg.tensorboard:
-            from lightning_fabric.loggers import TensorBoardLogger
-
-            loggers.append(TensorBoardLogger(str(run_dir), name="tensorboard", version=""))
-    fabric = make_fabric(tcfg, loggers)
-    if fabric.world_size > 1:
-        fabric.launch()  # starts the other processes, unless torchrun or SLURM already did
-    fabric.seed_everything(int(cfg.seed), verbose=False)
-    data = build_data(cfg)
-    parts = data.folds or [data]  # cross-validation: one model per fold, test predictions pooled
+    loggers = build_loggers(run_dir, tcfg, config=cfg) if run_dir is not None else []
+    session = prepare_run(cfg, loggers=loggers, launch=True)
+    fabric, data = session.fabric, session.data
+    parts = session.parts  # cross-validation: one model per fold, test predictions pooled
     results: list[FitResult] = []
     for i, part in enumerate(parts):
         if i:
-            fabric.seed_everything(int(cfg.seed), verbose=False)  # every fold starts from the same initialisation
-        try:
-            model = build_model(cfg, part)
-            loss = WeightedLoss(section(cfg, "loss")["terms"])
-        except ValueError as exc:  # a shape or option problem found while building
-            raise ConfigError(str(exc).splitlines()[0]) from None
+            session.reseed()  # every fold starts from the same initialisation
+        model = session.model(part)
+        loss = session.loss()
         params = count_parameters(model)
         keep = resumable and run_dir is not None
         resume_path = run_dir / ("resume.pt" if len(parts) == 1 else f"resume-fold{i}.pt") if keep else None
@@ -227,4 +180,5 @@ def execute(
         np.savez_compressed(run_dir / "predictions.npz", y_true=result.test_true.numpy(), y_pred=result.test_pred.numpy())
         if tcfg.checkpoint:
             torch.save(result.state_dict, run_dir / "checkpoint.pt")
+        log_run_end(fabric.loggers, metrics, run_dir)  # final metrics and config.yaml to MLflow
     return RunResult(metrics=metrics, history=result.history, fit=result)
