@@ -14,7 +14,7 @@ from fuselab.experiments.runner import execute_plan, prepare
 from fuselab.experiments.spec import parse_spec
 from fuselab.experiments.store import Store
 from fuselab.report.experiment import build_report
-from fuselab.report.figure import describe, draw
+from fuselab.report.figure import describe, draw, sketch
 from fuselab.report.journal import build_journal, parse_since
 from fuselab.report.plots import ablation_axes, flops_per_sample
 from fuselab.train.config import ConfigError, make_config
@@ -145,9 +145,9 @@ def test_figure_draws_bottleneck_tokens_and_a_multiscale_neck(tmp_path):
     text = svg.read_text()
     assert svg.suffix == ".svg" and pdf.read_bytes()[:5] == b"%PDF-"
     assert "bottleneck (4 tokens)" in text and "audio" in text and "video" in text
-    cen = describe({"model": {"name": "conv-streams", "layers": 3, "fuse_at": "all", "neck": "fpn"},
-                    "fusion": {"name": "concat"}, "exchange": {"name": "channel-exchange", "stages": "all"}},
-                   dims={"rgb": 3, "depth": 1}, num_classes=2)
+    cen = sketch({"model": {"name": "conv-streams", "layers": 3, "fuse_at": "all", "neck": "fpn"},
+                  "fusion": {"name": "concat"}, "exchange": {"name": "channel-exchange", "stages": "all"}},
+                 dims={"rgb": 3, "depth": 1}, num_classes=2)
     assert cen.merge_at == [0, 1, 2] and cen.neck.title == "FPN" and [e.stages for e in cen.exchanges] == [[0], [1]]
     assert "FPN" in draw(cen, tmp_path / "cen", formats=("svg",))[0].read_text()
 

@@ -179,6 +179,7 @@ class CENEnsemble(nn.Module):
     over the present modalities (a missing modality is left out), on detached logits when ``detach``.
     """
 
+    display_name = "ensemble"  # its name in the network figure
     produces_logits = True
     supports_missing = True
     no_weight_decay = ("alpha",)  # ensemble weights: no decay with train.no_decay_norm_bias
