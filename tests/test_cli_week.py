@@ -186,3 +186,74 @@ def test_robustness_prints_one_plain_line_per_evaluated_run(week):
     code, out, err = fuselab(*args, out=folder / "robust-again")
     found = [line.match(x) for x in out.splitlines() if x.startswith("[")]
     assert code == 0 and len(found) == 6 and all(m and m.group(4) == "up to date" for m in found), out
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. --dry-run: only the methods asked for, unknown names refused, estimates measured
+# ----------------------------------------------------------------------------------------------
+
+PER_RUN = re.compile(r"^  (\w+): (\d+\.\d) s per run; (.*)$")
+
+
+def test_dry_run_plans_only_the_methods_asked_for_and_times_their_models(week):
+    folder, spec_file, store, _ = week
+    empty = folder / "dry-store"
+    code, out, err = fuselab("compare", str(spec_file), "--store", str(empty), "--dry-run", "--methods", "concat,max",
+                             out=folder / "dry")
+    assert code == 0, err
+    assert not empty.exists()  # a dry run creates no store
+    assert "4 of 4 runs to train" in out and "│ sum" not in out and "│ max" in out
+    per_run = {m.group(1): m for m in map(PER_RUN.match, out.splitlines()) if m}
+    assert set(per_run) == {"concat", "max"}
+    assert all(m.group(3).startswith("timed 5 training steps here") for m in per_run.values())
+    assert "estimated from: concat, max: timed here, per model" in out
+    seconds_per_step = {m: float(re.search(r"\((\d+\.\d) ms per step", x.group(3)).group(1)) for m, x in per_run.items()}
+    # 3 epochs of ceil(1200 training samples / 128) = 10 steps: the per-run figure holds at least those steps
+    for method, m in per_run.items():
+        assert float(m.group(2)) >= 30 * seconds_per_step[method] / 1000 - 0.05
+
+
+def test_estimate_is_measured_per_model(data_root):
+    """A model 128 times wider is timed slower per step: the estimate comes from timing, not a constant."""
+    from fuselab.experiments.profile import estimate_sweep
+    from fuselab.experiments.spec import parse_spec
+
+    spec = json.loads(json.dumps(SPEC))
+    spec["grid"] = {"model.hidden": [16, 2048]}
+    spec["baseline"] = {"model.hidden": 16}
+    spec["seeds"] = [0]
+    plan = parse_spec(spec).plan()
+    estimate = estimate_sweep(plan, jobs=1, cores=1, steps=3)
+    small, large = (estimate.per_method[r.method][0] for r in plan)
+    assert large > 2 * small, estimate.per_method
+    assert estimate.seconds == pytest.approx(small + large)
+
+
+def test_dry_run_refuses_an_unknown_method_with_the_closest_name(week):
+    folder, spec_file, store, _ = week
+    code, out, err = fuselab("compare", str(spec_file), "--store", str(store), "--dry-run", "--methods", "sum,mxa",
+                             out=folder / "typo")
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == ["error: --methods: 'mxa' is not a method of tiny-week; did you mean 'max'? "
+                                        "methods are concat, sum, max"]
+
+
+def test_dry_run_estimates_from_finished_runs_in_the_store(week):
+    import shutil
+
+    from fuselab.experiments.store import Store
+
+    folder, spec_file, store, _ = week
+    copy = folder / "store-copy"
+    shutil.copytree(store, copy)
+    st = Store(copy)
+    runs = {(r["method"], r["seed"]): r for r in st.experiment_runs("tiny-week")}
+    st.delete_runs([runs[("sum", 0)]["run_id"]])
+    code, out, err = fuselab("compare", str(spec_file), "--store", str(copy), "--dry-run", "--methods", "sum",
+                             out=folder / "dry-store-based")
+    assert code == 0, err
+    assert "1 of 2 runs to train" in out
+    (m,) = [m for m in map(PER_RUN.match, out.splitlines()) if m]
+    assert m.group(1) == "sum" and m.group(3) == "median of 1 finished runs in the store"
+    assert float(m.group(2)) == pytest.approx(runs[("sum", 1)]["metrics"]["seconds"], abs=0.051)
+    assert "estimated from: sum: median time of the finished runs of the method in the store" in out

@@ -127,10 +127,22 @@ def run_cmd(
             raise
         progress.update(task, total=len(result.history), completed=len(result.history))
     m = result.metrics
+    if "test_kappa" in m:  # change detection: Kappa first, the headline metric of the field
+        console.print(
+            f"test Kappa [bold]{m['test_kappa'] * 100:.2f}[/], OA {m['test_accuracy'] * 100:.2f} %, F1 change "
+            f"{m['test_f1_change'] * 100:.2f} %, IoU change {m['test_iou_change'] * 100:.2f} %, "
+            f"best epoch {m['best_epoch']}, {m['params']:,} parameters, {m['seconds']:.1f} s"
+        )
+        return
     console.print(
         f"test accuracy [bold]{m['test_accuracy'] * 100:.2f} %[/], macro-F1 {m['test_macro_f1'] * 100:.2f} %, "
         f"best epoch {m['best_epoch']}, {m['params']:,} parameters, {m['seconds']:.1f} s"
     )
+
+
+def _duration(seconds: float) -> str:
+    """``12.3 s`` under a minute, else ``m:ss`` or ``h:mm:ss``."""
+    return f"{seconds:.1f} s" if seconds < 59.95 else _clock(seconds)
 
 
 def _clock(seconds: float) -> str:
@@ -246,12 +258,9 @@ def compare_cmd(
         known = [m.name for m in sp.methods]
         unknown = [m for m in wanted if m not in known]
         if unknown or not wanted:
-            from fuselab.train.config import ConfigError
-
-            raise ConfigError(f"--methods: '{unknown[0] if unknown else methods}' is not a method of {sp.name}; "
-                              f"methods are {', '.join(known)}")
+            raise _unknown_method("--methods", unknown[0] if unknown else methods, sp.name, known)
     if dry_run:
-        _print_plan(sp, st, jobs)
+        _print_plan(sp, st, jobs, wanted)
         return
     plan = prepare(sp, st)
     if wanted:
@@ -331,12 +340,27 @@ def _interrupts_as_keyboard_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _print_plan(sp, st, jobs: int) -> None:
-    from fuselab.train.run import build_data
+def _unknown_method(option: str, name: str, spec: str, known: list[str]) -> Exception:
+    """The one-line error for a method name that the spec does not have, with the closest names."""
+    import difflib
 
-    plan = sp.plan()
-    done = set()
-    if st.exists():
+    from fuselab.train.config import ConfigError
+
+    close = difflib.get_close_matches(name, known, n=2, cutoff=0.5)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    return ConfigError(f"{option}: '{name}' is not a method of {spec}; {hint}methods are {', '.join(known)}")
+
+
+def _print_plan(sp, st, jobs: int, wanted: list[str] | None = None) -> None:
+    """The plan of a sweep (only the ``wanted`` methods when given) and an estimate of its time, measured:
+    from finished runs in the store, else by timing a few training steps of each model here."""
+    import os
+
+    from fuselab.experiments.profile import estimate_sweep
+
+    plan = [r for r in sp.plan() if not wanted or r.method in wanted]
+    done, store_runs = set(), []
+    if st.exists():  # a dry run never creates a store
         import sqlite3
 
         with st.connect() as conn:
@@ -344,22 +368,30 @@ def _print_plan(sp, st, jobs: int) -> None:
                 done = {r[0] for r in conn.execute("SELECT id FROM runs WHERE status='done'")}
             except sqlite3.Error:
                 done = set()
+        try:
+            store_runs = st.experiment_runs(sp.name)
+        except sqlite3.Error:
+            store_runs = []
     table = Table(title=f"plan of {sp.name} (baseline: {sp.baseline})")
     for col in ("method", "seeds", "to train"):
         table.add_column(col)
     for method in sp.methods:
         runs = [r for r in plan if r.method == method.name]
-        table.add_row(method.name, ", ".join(str(r.seed) for r in runs), str(sum(r.run_id not in done for r in runs)))
+        if runs:
+            table.add_row(method.name, ", ".join(str(r.seed) for r in runs), str(sum(r.run_id not in done for r in runs)))
     console.print(table)
-    todo = {r.run_id: r for r in plan if r.run_id not in done}
-    seconds = 0.0
-    if todo:
-        sample = next(iter(todo.values())).config
-        n_train = len(build_data(sample).train)
-        steps = sum(int(r.config.train.epochs) * -(-n_train // int(r.config.train.batch_size)) for r in todo.values())
-        seconds = steps * 0.008 / max(1, min(jobs, len(todo)))  # about 8 ms per step of a small model per core here
-    console.print(f"{len(todo)} of {len(set(r.run_id for r in plan))} runs to train with {jobs} jobs; "
-                  f"rough estimate {seconds / 60:.1f} min (at most; early stopping shortens runs)")
+    todo = list({r.run_id: r for r in plan if r.run_id not in done}.values())
+    total = len({r.run_id for r in plan})
+    if not todo:
+        console.print(f"0 of {total} runs to train: every run is in the store")
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    estimate = estimate_sweep(todo, store_runs=store_runs, jobs=jobs, cores=cores)
+    console.print(f"{len(todo)} of {total} runs to train with {jobs} jobs; estimate {_duration(estimate.seconds)} "
+                  "(at most: early stopping shortens runs)", markup=False, highlight=False)
+    for method, (seconds, how) in estimate.per_method.items():
+        console.print(f"  {method}: {_duration(seconds)} per run; {how}", markup=False, highlight=False)
+    console.print("estimated from: " + "; ".join(estimate.how), markup=False, highlight=False)
 
 
 def _print_report(store: Path, experiment: str, **options) -> None:
@@ -529,6 +561,47 @@ def robustness_cmd(
         console.print(f"[red]not evaluated[/]: {e['method']} (seed {e['seed']}): {e['error']}", highlight=False)
     console.print(f"{result.evaluated} runs evaluated, {result.cached} up to date; "
                   f"tables: {result.files['markdown']}, {result.files['csv']}; curves: runs/<id>/robustness.csv")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    target: str = typer.Argument(..., help="a run folder, or an experiment name in --store"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="data overrides, e.g. data.images=[a,b] data.change_mask=c.bmp"),
+    store: Path = typer.Option(DEFAULT_STORE, "--store", "-s", help="result store folder (for an experiment)"),
+    name: Optional[str] = typer.Option(None, "--name", help="name of this evaluation (default: made from the overrides)"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
+    trust: bool = typer.Option(False, "--trust", help="rebuild configs that name import paths (a store you trust)"),
+) -> None:
+    """Score a run, or every finished run of an experiment, on another data configuration (another scene,
+    split or variant); recorded in each run folder as evaluations/<name>.json."""
+    from fuselab.experiments.evaluate import evaluate_target
+
+    result = evaluate_target(target, list(overrides or []), store=store, name=name, device=device, trust=trust)
+    console.print(result.markdown, markup=False, highlight=False)
+    for e in result.errors:
+        console.print(f"[red]not evaluated[/]: {e['method']} (seed {e['seed']}): {e['error']}", highlight=False)
+    where = f"; table: {result.files['markdown']}" if "markdown" in result.files else ""
+    console.print(f"{len(result.rows)} run(s) evaluated as '{result.name}' (runs/<id>/evaluations/{result.name}.json){where}",
+                  markup=False, highlight=False)
+
+
+@app.command("predict")
+def predict_cmd(
+    run: Path = typer.Argument(..., help="a run folder"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="data overrides, e.g. data.images=[t1.tif,t2.tif]"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder for the predictions"),
+    split: str = typer.Option("test", "--split", help="train | val | test (datasets of samples)"),
+    fold: Optional[int] = typer.Option(None, "--fold", help="one fold's model (default: the fold ensemble)"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
+    trust: bool = typer.Option(False, "--trust", help="rebuild configs that name import paths (a store you trust)"),
+) -> None:
+    """Write a run's predictions: class probabilities per sample (CSV), or a scene's change map (PNG, and a
+    GeoTIFF when the input is georeferenced)."""
+    from fuselab.experiments.predict import describe, predict_run
+
+    result = predict_run(run, out, list(overrides or []), split=split, fold=fold, device=device, trust=trust)
+    for line in describe(result):
+        console.print(line, markup=False, highlight=False)
 
 
 @app.command("figure")

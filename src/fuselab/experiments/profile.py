@@ -26,7 +26,7 @@ import gc
 import json
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -392,3 +392,142 @@ def load_profile(store: str | Path, experiment: str) -> pd.DataFrame | None:
         return pd.read_csv(path)
     except (OSError, ValueError, pd.errors.ParserError):
         return None
+
+
+# -- how long a sweep will take ------------------------------------------------------------------
+
+
+def time_training_step(cfg: Any, data: Any, *, steps: int = 5, warmup: int = 1, threads: int | None = None) -> dict[str, float]:
+    """Seconds of one training step and of one evaluation pass of the model ``cfg`` describes, measured here.
+
+    A step is what the training loop does per batch: forward on ``train.batch_size`` samples of the
+    training split, the configured loss, backward, an AdamW step (on the CPU; the loop's optimizer may
+    differ, its cost per step is of the same order). An evaluation batch is one forward pass without
+    gradients on ``train.eval_batch_size`` validation samples. Medians over ``steps`` after ``warmup``.
+
+    Returns:
+        ``{"step": s, "eval_batch": s, "build": s}`` (``build``: building the model once); a model that is
+        not trained (``needs_training = False``) has step 0.
+    """
+    from fuselab.losses import WeightedLoss
+    from fuselab.train.config import section
+    from fuselab.train.run import build_model
+
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            built = time.perf_counter()
+            model = build_model(cfg, data)
+            build_seconds = time.perf_counter() - built
+            batch = int(cfg.train.batch_size)
+            x = _batch(data, min(batch, len(data.train)), torch.device("cpu"))
+            index = torch.arange(min(batch, len(data.train)))
+            _, y = data.train.take(index)
+            times = []
+            if getattr(model, "needs_training", True) is not False:
+                loss = WeightedLoss(section(cfg, "loss")["terms"])
+                optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+                model.train()
+                for i in range(warmup + steps):
+                    start = time.perf_counter()
+                    total, _ = loss(model(x), y)
+                    optimizer.zero_grad(set_to_none=True)
+                    total.backward()
+                    optimizer.step()
+                    if i >= warmup:
+                        times.append(time.perf_counter() - start)
+            model.eval()
+            n_eval = min(int(cfg.train.eval_batch_size), len(data.val))
+            xv = _batch(dataclasses.replace(data, train=data.val), n_eval, torch.device("cpu"))
+            evals = []
+            with torch.no_grad():
+                for i in range(warmup + max(1, steps // 2)):
+                    start = time.perf_counter()
+                    model(xv)
+                    if i >= warmup:
+                        evals.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
+    return {"step": statistics.median(times) if times else 0.0, "eval_batch": statistics.median(evals),
+            "build": build_seconds}
+
+
+def run_seconds(cfg: Any, data: Any, timing: Mapping[str, float]) -> float:
+    """Seconds one run of ``cfg`` takes at most (every epoch trained; early stopping shortens it): building
+    its data and model, its training steps, a validation pass per epoch and one test pass, at the measured
+    ``timing`` (:func:`time_training_step`, plus ``data``: seconds to build the dataset)."""
+    import math
+
+    epochs = int(cfg.train.epochs)
+    steps = math.ceil(len(data.train) / int(cfg.train.batch_size))
+    eval_batches = math.ceil(len(data.val) / int(cfg.train.eval_batch_size))
+    test_batches = math.ceil(len(data.test) / int(cfg.train.eval_batch_size))
+    compute = epochs * (steps * timing["step"] + eval_batches * timing["eval_batch"]) + test_batches * timing["eval_batch"]
+    return compute + timing.get("build", 0.0) + timing.get("data", 0.0)
+
+
+@dataclasses.dataclass
+class SweepEstimate:
+    seconds: float  # wall time of the runs to train over the jobs
+    per_method: dict[str, tuple[float, str]]  # method -> (seconds of one run, how it was estimated)
+    how: list[str]  # one line per way of estimating, naming its methods
+
+
+def estimate_sweep(runs: Sequence[Any], *, store_runs: Sequence[Mapping[str, Any]] = (), jobs: int = 1,
+                   cores: int = 1, steps: int = 5) -> SweepEstimate:
+    """How long training ``runs`` (planned runs with ``method`` and resolved ``config``) will take.
+
+    Per method: the median ``seconds`` of its finished runs in ``store_runs`` (rows of
+    ``Store.experiment_runs``) where there are any, else the model timed here (:func:`time_training_step`,
+    with the torch threads each of ``jobs`` parallel runs gets out of ``cores``) times its steps and
+    evaluation passes (:func:`run_seconds`). The wall time spreads the runs over ``jobs``.
+    """
+    from fuselab.train.run import build_data
+
+    threads = max(1, cores // max(1, jobs))
+    finished: dict[str, list[float]] = {}
+    for r in store_runs:
+        seconds = (r.get("metrics") or {}).get("seconds")
+        if r.get("status") == "done" and seconds is not None:
+            finished.setdefault(r["method"], []).append(float(seconds))
+    per_method: dict[str, tuple[float, str]] = {}
+    datasets: dict[str, Any] = {}
+    for run in runs:
+        if run.method in per_method:
+            continue
+        if run.method in finished:
+            values = finished[run.method]
+            per_method[run.method] = (statistics.median(values), f"median of {len(values)} finished runs in the store")
+            continue
+        key = json.dumps(_plain(run.config.data), sort_keys=True, default=str)
+        if key not in datasets:  # every run builds its data again: its time is part of each run
+            started = time.perf_counter()
+            datasets[key] = (build_data(run.config), time.perf_counter() - started)
+        data, data_seconds = datasets[key]
+        timing = {**time_training_step(run.config, data, steps=steps, threads=threads), "data": data_seconds}
+        per_method[run.method] = (run_seconds(run.config, data, timing),
+                                  f"timed {steps} training steps here ({timing['step'] * 1000:.1f} ms per step, "
+                                  f"{threads} thread{'s' if threads > 1 else ''})")
+    total = sum(per_method[r.method][0] for r in runs)
+    wall = total / max(1, min(jobs, len(runs)))
+    how: dict[str, list[str]] = {}
+    for method, (_, text) in per_method.items():
+        how.setdefault("from the store" if text.startswith("median") else "timed", []).append(method)
+    lines = []
+    if how.get("timed"):
+        lines.append(f"{', '.join(how['timed'])}: timed here, per model: building its data and model, {steps} "
+                     "training steps and an evaluation pass, times the steps and passes of every epoch (not counted: "
+                     "starting a worker process and writing the run folder)")
+    if how.get("from the store"):
+        lines.append(f"{', '.join(how['from the store'])}: median time of the finished runs of the method in the store")
+    return SweepEstimate(seconds=wall, per_method=per_method, how=lines)
+
+
+def _plain(node: Any) -> Any:
+    """A config section as plain containers (a dict stays as it is)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if hasattr(node, "_get_node") else node
