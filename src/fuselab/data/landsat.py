@@ -21,6 +21,12 @@ bands; Wu, Du & Zhang, TGRS 2014) is read from ``<data_root>/landsat-cd/taizhou`
 - ``fold: null`` (default) gives all k folds (``DataBundle.folds``): one run trains each fold and pools
   the test predictions (pooled overall accuracy and Kappa over all labelled pixels); ``fold: f`` gives one.
   The images the model sees are the whole scene in every fold; only the labels are held out.
+- ``fold: all`` trains one model on the labelled pixels of every fold but one, which validates (the
+  validation slice, fold ``k - 1``); its test split is *every* labelled pixel of the scene, held out or
+  not. It is the mode for transfer: train on all of one scene, then score the run on another scene
+  (``fuselab evaluate RUN data.images=...``), where every labelled pixel is unseen. Its own test metrics
+  are a fit to the training scene, not a held-out estimate.
+- Images are ENVI files or GeoTIFFs (``.tif``, read with rasterio, the ``geo`` extra).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import numpy as np
 import torch
 
 from fuselab.data.core import IGNORE_INDEX, DataBundle, ModalTensors
-from fuselab.data.envi import read_envi
+from fuselab.data.geo import read_raster
 from fuselab.registry import DATASETS
 
 TAIZHOU = ("landsat-cd/taizhou", ("2000TM", "2003TM"), "change.bmp", "unchanged.bmp")
@@ -69,15 +75,25 @@ def read_mask(path: str | Path, shape: tuple[int, int], what: str) -> np.ndarray
 
 
 @functools.lru_cache(maxsize=4)
-def load_scene(images: tuple[str, str], change_mask: str, unchanged_mask: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Both dates as float32 (2, C, H, W) standardised per band over the scene, and the label map (H, W)
-    (1 change, 0 unchanged, IGNORE_INDEX unlabelled)."""
-    cubes = [read_envi(p) for p in images]
+def read_scene(images: tuple[str, str]) -> np.ndarray:
+    """Both dates (ENVI or GeoTIFF) as float32 (2, C, H, W), each band of each date standardised over the scene."""
+    cubes = [read_raster(p) for p in images]
     if cubes[0].shape != cubes[1].shape:
         (c1, h1, w1), (c2, h2, w2) = cubes[0].shape, cubes[1].shape
         raise ValueError(f"landsat-cd: the two dates differ in size: '{Path(images[0]).name}' is {c1} bands x {h1} x {w1}, "
                          f"'{Path(images[1]).name}' is {c2} bands x {h2} x {w2}; co-register and crop them to one grid")
-    shape = cubes[0].shape[1:]
+    stack = np.stack(cubes).astype(np.float64)
+    mean = stack.mean(axis=(2, 3), keepdims=True)
+    std = stack.std(axis=(2, 3), keepdims=True)
+    return ((stack - mean) / np.maximum(std, 1e-6)).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=4)
+def load_scene(images: tuple[str, str], change_mask: str, unchanged_mask: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Both dates as float32 (2, C, H, W) standardised per band over the scene, and the label map (H, W)
+    (1 change, 0 unchanged, IGNORE_INDEX unlabelled)."""
+    scaled = read_scene(tuple(images))
+    shape = scaled.shape[2:]
     change = read_mask(change_mask, shape, "change")
     unchanged = read_mask(unchanged_mask, shape, "unchanged")
     both = int((change & unchanged).sum())
@@ -85,10 +101,6 @@ def load_scene(images: tuple[str, str], change_mask: str, unchanged_mask: str) -
         raise ValueError(f"landsat-cd: {both} pixels are marked in both the change and the unchanged mask")
     if not change.any() or not unchanged.any():
         raise ValueError("landsat-cd: the change and the unchanged mask must each mark at least one pixel")
-    stack = np.stack(cubes).astype(np.float64)
-    mean = stack.mean(axis=(2, 3), keepdims=True)
-    std = stack.std(axis=(2, 3), keepdims=True)
-    scaled = ((stack - mean) / np.maximum(std, 1e-6)).astype(np.float32)
     labels = np.full(shape, IGNORE_INDEX, dtype=np.int64)
     labels[unchanged] = 0
     labels[change] = 1
@@ -128,30 +140,66 @@ def scene_tiles(scene: torch.Tensor, labels: torch.Tensor, tile: int, stride: in
     return torch.stack(tiles), torch.stack(tile_labels)
 
 
-def fold_bundle(scene: torch.Tensor, labels: torch.Tensor, fold_map: torch.Tensor, fold: int, folds: int,
+def fold_bundle(scene: torch.Tensor, labels: torch.Tensor, fold_map: torch.Tensor, fold: int | None, folds: int,
                 tile: int, tile_stride: int, augment: bool = False, names: tuple[str, ...] = MODALITIES) -> DataBundle:
-    """The bundle of one fold: training windows, the whole scene for validation and test."""
-    val_fold = (fold + 1) % folds
+    """The bundle of one fold: training windows, the whole scene for validation and test. ``fold=None`` is
+    the ``all`` mode: fold k - 1 validates, the others train, and every labelled pixel is the test split."""
+    val_fold = (fold + 1) % folds if fold is not None else folds - 1
 
     def only(mask: torch.Tensor) -> torch.Tensor:
         return torch.where(mask, labels, torch.full_like(labels, IGNORE_INDEX))
 
-    train_labels = only((fold_map != fold) & (fold_map != val_fold))
+    train_labels = only((fold_map != fold) & (fold_map != val_fold)) if fold is not None else only(fold_map != val_fold)
     x, y = scene_tiles(scene, train_labels, tile, tile_stride)
     whole = {m: scene[i].unsqueeze(0) for i, m in enumerate(names)}
     for part, f in (("test", fold), ("validation", val_fold)):
-        if not (only(fold_map == f) != IGNORE_INDEX).any():
+        if f is not None and not (only(fold_map == f) != IGNORE_INDEX).any():
             raise ValueError(f"landsat-cd: fold {f} ({part}) holds no labelled pixel; use a smaller data.block or fewer folds")
+    test = labels if fold is None else only(fold_map == fold)
     return DataBundle(
         train=ModalTensors({m: x[:, i].contiguous() for i, m in enumerate(names)}, y, "dihedral" if augment else None),
         val=ModalTensors(whole, only(fold_map == val_fold).unsqueeze(0)),
-        test=ModalTensors(whole, only(fold_map == fold).unsqueeze(0)),
+        test=ModalTensors(whole, test.unsqueeze(0)),
         dims={m: int(scene.shape[1]) for m in names},
         num_classes=2,
         forms={m: "map" for m in names},
         class_names=["unchanged", "change"],
         task="change-detection",
     )
+
+
+def scene_paths(images: list[str] | None, data_root: str | None,
+                masks: tuple[str | None, str | None] = (None, None)) -> tuple[list[str], tuple[str | None, str | None]]:
+    """The two image paths and the two mask paths of a scene: the Taizhou scene under ``data_root`` when
+    ``images`` is None, else ``images`` and ``masks`` (relative paths under ``data_root``)."""
+    if images is None:
+        base = resolve_root(data_root, "landsat-cd") / TAIZHOU[0]
+        if not base.is_dir():
+            raise FileNotFoundError(f"landsat-cd: '{base}' does not exist; put the Taizhou scene there "
+                                    "(2000TM, 2003TM with .HDR headers, change.bmp, unchanged.bmp)")
+        return [str(base / n) for n in TAIZHOU[1]], (str(base / TAIZHOU[2]), str(base / TAIZHOU[3]))
+    if isinstance(images, str) or len(images) != 2:
+        raise ValueError(f"data.images must list two images (ENVI or GeoTIFF, earlier date first), got {images!r}")
+    root = Path(data_root).expanduser() if data_root else None
+    place = lambda p: str(root / p) if root is not None and not Path(p).is_absolute() else str(Path(p).expanduser())  # noqa: E731
+    return [place(p) for p in images], tuple(None if m is None else place(m) for m in masks)  # type: ignore[return-value]
+
+
+def scene_modalities(scaled: np.ndarray, difference: bool = False) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """(2, C, H, W) standardised dates -> the stacked modalities (M, C, H, W) and their names (``diff`` last)."""
+    scene = torch.from_numpy(scaled)
+    if difference:
+        return torch.cat([scene, (scene[1] - scene[0]).unsqueeze(0)]), (*MODALITIES, "diff")
+    return scene, MODALITIES
+
+
+def scene_input(*, images: list[str] | None = None, data_root: str | None = None, difference: bool = False,
+                **_: object) -> dict[str, torch.Tensor]:
+    """A whole scene as one model input ``{modality: (1, C, H, W)}``, without reference masks (for
+    prediction on a scene nobody labelled). Takes a ``landsat-cd`` data section; other keys are ignored."""
+    paths, _masks = scene_paths(images, data_root)
+    scene, names = scene_modalities(read_scene((paths[0], paths[1])), difference)
+    return {m: scene[i].unsqueeze(0) for i, m in enumerate(names)}
 
 
 @DATASETS.register("landsat-cd")
@@ -163,7 +211,7 @@ def landsat_cd(
     unchanged_mask: str | None = None,
     data_root: str | None = None,
     folds: int = 5,
-    fold: int | None = None,
+    fold: int | str | None = None,
     block: int = 40,
     tile: int = 32,
     tile_stride: int = 16,
@@ -179,7 +227,8 @@ def landsat_cd(
         unchanged_mask: image marking unchanged reference pixels.
         data_root: folder holding ``landsat-cd/taizhou`` (default: the ``FUSELAB_DATA`` environment variable).
         folds: k, the number of spatial folds (>= 3: one tests, one validates, the rest train).
-        fold: the test fold 0..k-1, or None for all folds in one run (pooled metrics).
+        fold: the test fold 0..k-1, None for all folds in one run (pooled metrics), or ``"all"``: one model
+            trained on every fold but the validation fold k - 1, tested on every labelled pixel (for transfer).
         block: side of the square blocks (pixels) that are assigned to folds.
         tile: side of the training windows.
         tile_stride: step between training windows.
@@ -190,38 +239,25 @@ def landsat_cd(
     for key, value, least in (("folds", folds, 3), ("block", block, 1), ("tile", tile, 4), ("tile_stride", tile_stride, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"data.{key} must be an integer >= {least}, got {value!r}")
-    if fold is not None and (isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < folds):
-        raise ValueError(f"data.fold must be null (all folds) or 0..{folds - 1}, got {fold!r}")
+    if fold == "all":
+        fold = -1  # fold_bundle's "all" mode is fold=None
+    elif fold is not None and (isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < folds):
+        raise ValueError(f"data.fold must be null (all folds), 'all' (one model on every fold) or 0..{folds - 1}, got {fold!r}")
     given = [images is not None, change_mask is not None, unchanged_mask is not None]
     if any(given) and not all(given):
         raise ValueError("landsat-cd: give data.images, data.change_mask and data.unchanged_mask together "
                          "(or none of them for the Taizhou scene)")
-    if images is None:
-        base = resolve_root(data_root, "landsat-cd") / TAIZHOU[0]
-        if not base.is_dir():
-            raise FileNotFoundError(f"landsat-cd: '{base}' does not exist; put the Taizhou scene there "
-                                    "(2000TM, 2003TM with .HDR headers, change.bmp, unchanged.bmp)")
-        paths = [str(base / n) for n in TAIZHOU[1]]
-        change_mask, unchanged_mask = str(base / TAIZHOU[2]), str(base / TAIZHOU[3])
-    else:
-        if len(images) != 2:
-            raise ValueError(f"data.images must list two ENVI images (earlier date first), got {len(images)}")
-        root = Path(data_root).expanduser() if data_root else None
-        place = lambda p: str(root / p) if root is not None and not Path(p).is_absolute() else str(Path(p).expanduser())  # noqa: E731
-        paths = [place(p) for p in images]
-        change_mask, unchanged_mask = place(change_mask), place(unchanged_mask)
+    paths, (change_mask, unchanged_mask) = scene_paths(images, data_root, (change_mask, unchanged_mask))
     scaled, labels, shape = load_scene((paths[0], paths[1]), change_mask, unchanged_mask)
-    scene = torch.from_numpy(scaled)
-    names = MODALITIES
-    if difference:
-        scene, names = torch.cat([scene, (scene[1] - scene[0]).unsqueeze(0)]), (*MODALITIES, "diff")
+    scene, names = scene_modalities(scaled, difference)
     label_map = torch.from_numpy(labels)
     fold_map = torch.from_numpy(block_folds(tuple(shape), block, folds))
     make = lambda f: fold_bundle(scene, label_map, fold_map, f, folds, tile, tile_stride, augment, names)  # noqa: E731
     if fold is not None:
-        return make(fold)
+        return make(None if fold == -1 else fold)
     bundles = [make(f) for f in range(folds)]
     return dataclasses.replace(bundles[0], folds=bundles)
 
 
-__all__ = ["block_folds", "fold_bundle", "landsat_cd", "load_scene", "read_mask", "scene_tiles", "window_starts"]
+__all__ = ["block_folds", "fold_bundle", "landsat_cd", "load_scene", "read_mask", "read_scene", "scene_input", "scene_paths",
+           "scene_tiles", "window_starts"]
