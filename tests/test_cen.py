@@ -3,6 +3,8 @@ builder (shared convolutions, private BNs, ensemble), its use in a network of on
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -294,3 +296,62 @@ def test_the_shipped_official_recipe_exchanges_in_every_stage_on_landsat(data_ro
     assert len(owned) == 3 * 2  # 3 stages x 2 dates
     assert all(v >= 0.3 for v in owned.values()), owned  # the bar: >= 0.3 of the owned channels
     assert all(v == 0.0 for k, v in result.history[0].items() if "exchanged_owned/" in k)  # none at the start
+
+
+def test_the_no_exchange_twin_checks_and_applies_its_proximal_step_by_hand():
+    from fuselab.models.cen import SparseParallelNorm
+
+    off = SparseParallelNorm(["a", "b"], 4)  # proximal_l1 defaults to 0: the step changes nothing
+    before = {m: off.norms[m].weight.detach().clone() for m in ("a", "b")}
+    with torch.no_grad():
+        off.norms["a"].weight.copy_(torch.tensor([0.03, -0.04, 0.5, -2.0]))
+    before["a"] = off.norms["a"].weight.detach().clone()
+    off.proximal_step(1.0)
+    assert off.proximal_l1 == 0.0 and all(torch.equal(off.norms[m].weight, before[m]) for m in ("a", "b"))
+    with pytest.raises(ValueError, match=r"^cen: proximal_l1 must be a number >= 0 \(0 = off\), got -1$"):
+        SparseParallelNorm(["a", "b"], 4, proximal_l1=-1)
+    on = SparseParallelNorm(["a", "b", "c"], 6, proximal_l1=0.25)
+    with torch.no_grad():  # a owns channels 0-1, b 2-3, c 4-5; negative scales shrink towards zero too
+        on.norms["a"].weight.copy_(torch.tensor([-0.3, 0.01, -0.3, 0.3, 5.0, -5.0]))
+        on.norms["c"].weight.copy_(torch.tensor([0.3, 0.3, 0.3, 0.3, -0.12, 0.3]))
+    on.proximal_step(0.4)  # amount 0.1
+    assert on.norms["a"].weight.tolist() == pytest.approx([-0.2, 0.0, -0.3, 0.3, 5.0, -5.0])
+    assert on.norms["c"].weight.tolist() == pytest.approx([0.3, 0.3, 0.3, 0.3, -0.02, 0.2])
+    assert on.norms["b"].weight.tolist() == pytest.approx([1.0, 1.0, 0.9, 0.9, 1.0, 1.0])
+    assert on.aux_losses()["cen_sparsity"].item() == pytest.approx(0.2 + 0.0 + 0.9 + 0.9 + 0.02 + 0.2)
+
+
+def test_fusion_stats_count_the_exchanged_channels_of_all_modalities_by_hand():
+    op = create_fusion("channel-exchange", dims={"a": 4, "b": 6, "c": 8}, threshold=0.1)
+    with torch.no_grad():
+        op.norms["a"].weight[[0, 3]] = torch.tensor([-0.05, 0.0])  # 2 of 4
+        op.norms["c"].weight[7] = 0.09  # 1 of 8; channel 7 is c's own part
+    stats = op.fusion_stats({m: torch.zeros(2, d, 3, 3) for m, d in op.dims.items()})
+    assert stats["exchanged"] == pytest.approx(3 / 18)  # 3 of all 4 + 6 + 8 channels, not a mean of shares
+    assert stats["exchanged/a"] == pytest.approx(2 / 4) and stats["exchanged/b"] == 0.0
+    assert stats["exchanged/c"] == pytest.approx(1 / 8)
+    assert op.parts == {"a": (0, 1), "b": (2, 4), "c": (5, 8)}
+    assert stats["exchanged_owned/a"] == 1.0 and stats["exchanged_owned/c"] == pytest.approx(1 / 3)
+    assert op.carry_stat == "exchanged"
+
+
+@pytest.mark.parametrize(
+    ("model", "exchange", "problem"),
+    [
+        ({}, {}, None),
+        ({"exchanging": True}, {}, None),
+        ({"exchanging": False}, {}, "model.exchanging=false: CEN then exchanges no channel"),
+        ({"threshold": 0}, {}, r"model.threshold=0: no \|BN scale\| is below it, so CEN exchanges no channel; use"),
+        ({"threshold": -0.5}, {}, "model.threshold=-0.5: no"),
+        ({"threshold": 1e-3}, {}, None),
+        ({"threshold": 0.0}, {"threshold": 0.02}, None),  # the exchange's threshold overrides the model's
+        ({"threshold": 0.02}, {"threshold": 0.0}, "model.threshold=0.0: no"),
+        ({"threshold": False}, {}, None),  # not a number: left to the builder's own check
+    ],
+)
+def test_cen_names_the_configs_that_exchange_nothing(model, exchange, problem):
+    found = cen.fusion_problem(model, exchange)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None and re.match(problem, found), found

@@ -302,6 +302,39 @@ def test_channel_exchange_p_of_three_modalities() -> None:
     torch.testing.assert_close(out["b"], expected_b)
 
 
+@pytest.mark.parametrize(
+    ("name", "p", "message"),
+    [
+        ("spatial-exchange", True, r"SpatialExchange: p must be a fraction 1/k in \(0, 1\], got True"),
+        ("channel-exchange-p", 1.5, r"ChannelExchangeP: p must be a fraction 1/k in \(0, 1\], got 1.5"),
+        ("channel-exchange-p", "0.5", r"ChannelExchangeP: p must be a fraction 1/k in \(0, 1\], got '0.5'"),
+        ("spatial-exchange", 0.4, r"SpatialExchange: p must be 1/k for an integer k .*got 0.4"),
+    ],
+)
+def test_periodic_swaps_name_themselves_and_the_bad_fraction(name: str, p: object, message: str) -> None:
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        create_fusion(name, dims=EQUAL, p=p)
+
+
+@pytest.mark.parametrize("name", ["spatial-exchange", "channel-exchange-p"])
+def test_periodic_swap_with_p_one_swaps_everything_and_keeps_its_option(name: str) -> None:
+    xs = maps(EQUAL)
+    op = create_fusion(name, dims=EQUAL, p=1)
+    assert (op.p, op.period) == (1, 1)
+    out = op(xs)
+    assert torch.equal(out["rgb"], xs["depth"]) and torch.equal(out["depth"], xs["rgb"])
+    assert create_fusion(name, dims=EQUAL, p=0.25).p == 0.25
+
+
+def test_rectify_defaults_follow_cmx() -> None:
+    assert fusion_info("rectify").options == {"reduction": 1, "lambda_c": 0.5, "lambda_s": 0.5}
+    op = create_fusion("rectify", dims=EQUAL)  # reduction 1: hidden widths 2 M C (channel) and C (spatial)
+    assert (op.channel_weights[0].in_features, op.channel_weights[0].out_features) == (2 * 2 * C, 2 * 2 * C)
+    assert (op.spatial_weights[0].in_channels, op.spatial_weights[0].out_channels) == (2 * C, C)
+    with pytest.raises(ValueError, match=r"^rectify: common width 8 is not divisible by reduction 3$"):
+        create_fusion("rectify", dims=EQUAL, reduction=3)
+
+
 def test_rectify_with_neutral_weights_adds_half_of_the_others() -> None:
     dims = {"a": C, "b": C, "c": C}
     op = create_fusion("rectify", dims=dims)

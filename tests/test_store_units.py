@@ -142,6 +142,35 @@ def test_a_new_store_has_the_schema_in_wal_mode_and_leaves_no_temporary_file(tmp
         conn.close()
 
 
+def test_a_store_opened_for_reading_only_is_already_complete(tmp_path):
+    store = Store(tmp_path / "s")
+    assert store.status("r1") is None  # the first connection creates the database (no init)
+    conn = sqlite3.connect(store.db_path)
+    try:
+        assert conn.execute("SELECT key, value FROM meta").fetchall() == [("schema_version", "1")]
+    finally:
+        conn.close()
+    with store.connect() as conn:  # every connection waits up to a minute for a lock
+        assert conn.execute("PRAGMA busy_timeout").fetchone() == (60000,)
+
+
+def test_an_older_database_without_wal_is_switched_to_wal(tmp_path):
+    store = Store(tmp_path / "s")
+    store.root.mkdir()
+    conn = sqlite3.connect(store.db_path)
+    conn.executescript(module._SCHEMA)
+    conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    conn.commit()
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    conn.close()
+    store.init()
+    conn = sqlite3.connect(store.db_path)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        conn.close()
+
+
 def test_create_keeps_a_database_another_process_made_first(tmp_path, monkeypatch):
     store = Store(tmp_path / "s")
     store.init()
@@ -299,6 +328,14 @@ def test_a_run_folder_that_outlived_its_database_row_comes_back_done(tmp_path):
     assert store.experiment_runs("x")[0]["metrics"] == {"test_accuracy": 0.875}
 
 
+def test_specs_and_configs_with_paths_are_stored_as_text(tmp_path):
+    store = Store(tmp_path / "s")
+    store.register_experiment("x", {"root": tmp_path / "data"}, "concat", "accuracy",
+                              [("r1", "concat", 0, {"data_root": tmp_path / "data"})])
+    assert store.experiment("x")["spec"] == {"root": str(tmp_path / "data")}
+    assert store.experiment_runs("x")[0]["config"] == {"data_root": str(tmp_path / "data")}
+
+
 def test_only_a_new_row_is_taken_from_its_folder(store):
     _complete_folder(store, "r1", {"test_accuracy": 0.25})
     store.register_experiment("x", {}, "concat", "accuracy", RUNS)  # r1 is already stored, pending: the row wins
@@ -333,6 +370,9 @@ def test_unknown_experiments_are_named_with_a_suggestion(tmp_path, store):
     with pytest.raises(ConfigError, match="unknown experiment 'zzzzzzzz'.*; experiments in this store: "
                                           "compare-avmnist, x$"):
         store.experiment("zzzzzzzz")
+    store.register_experiment("compare-avmnist2", {}, "concat", "accuracy", [])
+    with pytest.raises(ConfigError, match=r"did you mean 'compare-avmnist' or 'compare-avmnist2'\?$"):
+        store.experiment("compare-avmnis")
     empty = Store(tmp_path / "empty")
     empty.init()
     with pytest.raises(ConfigError, match="experiments in this store: none$"):
@@ -470,6 +510,9 @@ def test_reset_runs_makes_them_pending_again_without_their_folders(store):
         assert not store.run_dir(rid).exists() and store.partial_dirs(rid) == []
     assert store.run_dir("r3").is_dir() and len(store.partial_dirs("r3")) == 1
     assert [r["run_id"] for r in store.experiment_runs("x")] == ["r1", "r2", "r3"]
+    store.register_experiment("y", {}, "sum", "accuracy", [("r4", "sum", 0, {})])
+    store.reset_runs(["r4"])  # a run that never had a folder
+    assert store.status("r4") == "pending"
 
 
 # -- run folders -------------------------------------------------------------------------------------
@@ -517,6 +560,9 @@ def test_start_attempt_resumes_a_finished_fold_and_keeps_its_own_folder(store):
     assert store.partial_dirs("r1") == [own]
     fresh = store.start_attempt("r2", "host:1:eee")  # nothing earlier: an empty folder
     assert fresh.is_dir() and list(fresh.iterdir()) == []
+    assert not (store.root / "new").exists()
+    first = Store(store.root / "new").start_attempt("r1", "host:1:fff")  # no runs/ folder yet: it is made
+    assert first == store.root / "new" / "runs" / ".partial-r1-fff" and first.is_dir()
 
 
 def test_publish_replaces_an_older_copy(store):
