@@ -1,9 +1,12 @@
-"""Shared test fixtures: the real-data root and small deterministic settings."""
+"""Shared test fixtures: the real-data root, small deterministic settings, and the tiny mfeat experiment spec
+the experiment, store, fault, security, profile, tuning and robustness tests sweep (``tiny_spec``)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,3 +24,33 @@ def data_root() -> Path:
             pytest.fail(f"FUSELAB_DATA={root!r} is not a folder; CI must provide the real datasets")
         pytest.skip("real datasets not available (set FUSELAB_DATA)")
     return path
+
+
+def tiny_spec(name: str = "tiny", *, hidden: int = 32, epochs: int = 3, grid: Sequence[str] = ("concat", "sum"),
+              variants: Sequence[dict[str, Any]] = (), seeds: Sequence[int] = (0,), baseline: bool = True,
+              **train: Any) -> dict[str, Any]:
+    """A fresh tiny experiment spec on two mfeat views (a few seconds a run on a 2-core CPU): mlp-streams of
+    width ``hidden``, ``epochs`` epochs of batch 64 plus the ``train`` options given (``lr``, ``threads``), a
+    grid over ``fusion.name``, optional named ``variants``, the ``seeds``, and the grid's first fusion as the
+    baseline unless ``baseline=False``. Import it (``from conftest import tiny_spec``) or take the fixture."""
+    spec: dict[str, Any] = {
+        "name": name,
+        "base": {
+            "data": {"name": "mfeat", "views": ["fou", "kar"]},
+            "model": {"name": "mlp-streams", "hidden": hidden},
+            "train": {"epochs": epochs, "batch_size": 64, **train},
+        },
+        "grid": {"fusion.name": list(grid)},
+    }
+    if variants:
+        spec["variants"] = [dict(v) for v in variants]
+    spec["seeds"] = list(seeds)
+    if baseline:
+        spec["baseline"] = {"fusion.name": grid[0]}
+    return spec
+
+
+@pytest.fixture(name="tiny_spec")
+def tiny_spec_fixture() -> Any:
+    """:func:`tiny_spec`, as a fixture."""
+    return tiny_spec

@@ -17,18 +17,9 @@ from fuselab.experiments.spec import load_spec, parse_spec, run_id
 from fuselab.experiments.store import Store
 from fuselab.train.config import ConfigError, make_config
 
-TINY = {
-    "name": "tiny",
-    "base": {
-        "data": {"name": "mfeat", "views": ["fou", "kar"]},
-        "model": {"name": "mlp-streams", "hidden": 32},
-        "train": {"epochs": 3, "batch_size": 64, "lr": 5.0e-3},
-    },
-    "grid": {"fusion.name": ["concat", "sum"]},
-    "variants": [{"name": "lmf-r2", "fusion": {"name": "lmf", "rank": 2}}],
-    "seeds": [0, 1],
-    "baseline": {"fusion.name": "concat"},
-}
+from conftest import tiny_spec
+
+TINY = tiny_spec(variants=[{"name": "lmf-r2", "fusion": {"name": "lmf", "rank": 2}}], seeds=(0, 1), lr=5.0e-3)
 
 
 def _spec(**changes):

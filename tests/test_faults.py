@@ -23,16 +23,9 @@ from fuselab.experiments.runner import execute_plan, prepare
 from fuselab.experiments.spec import parse_spec
 from fuselab.experiments.store import DB_NAME, Store
 
-QUICK = {
-    "name": "faults",
-    "base": {
-        "data": {"name": "mfeat", "views": ["fou", "kar"]},
-        "model": {"name": "mlp-streams", "hidden": 16},
-        "train": {"epochs": 2, "batch_size": 64, "threads": 1},
-    },
-    "grid": {"fusion.name": ["concat", "sum"]},
-    "seeds": [0],
-}
+from conftest import tiny_spec
+
+QUICK = tiny_spec("faults", hidden=16, epochs=2, baseline=False, threads=1)
 # long enough to be caught mid-training on a loaded machine; a state is saved after every epoch
 LONG = {**QUICK, "base": {**QUICK["base"], "train": {"epochs": 120, "batch_size": 64, "threads": 1,
                                                        "checkpoint_every": 0.0}}}

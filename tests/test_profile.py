@@ -22,17 +22,9 @@ from fuselab.layers.attention import MultiHeadAttention
 from fuselab.report.experiment import build_report
 from fuselab.report.plots import flops_per_sample
 
-TINY = {
-    "name": "tiny-profile",
-    "base": {
-        "data": {"name": "mfeat", "views": ["fou", "kar"]},
-        "model": {"name": "mlp-streams", "hidden": 32},
-        "train": {"epochs": 2, "batch_size": 64, "lr": 5.0e-3},
-    },
-    "grid": {"fusion.name": ["concat", "attention"]},
-    "seeds": [0],
-    "baseline": {"fusion.name": "concat"},
-}
+from conftest import tiny_spec
+
+TINY = tiny_spec("tiny-profile", epochs=2, grid=("concat", "attention"), lr=5.0e-3)
 
 
 def test_flops_of_a_linear_layer_match_the_analytic_count():

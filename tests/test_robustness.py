@@ -26,18 +26,10 @@ from fuselab.experiments.spec import parse_spec
 from fuselab.experiments.store import Store
 from fuselab.train.config import ConfigError, make_config
 
+from conftest import tiny_spec
+
 LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
-TINY = {
-    "name": "rob",
-    "base": {
-        "data": {"name": "mfeat", "views": ["fou", "kar"]},
-        "model": {"name": "mlp-streams", "hidden": 32},
-        "train": {"epochs": 6, "batch_size": 64, "lr": 5.0e-3, "threads": 1},
-    },
-    "grid": {"fusion.name": ["concat", "sum"]},
-    "seeds": [0],
-    "baseline": {"fusion.name": "concat"},
-}
+TINY = tiny_spec("rob", epochs=6, lr=5.0e-3, threads=1)
 
 
 @pytest.fixture(scope="module")

@@ -24,16 +24,9 @@ from fuselab.report.plots import rebuildable
 from fuselab.train.config import ConfigError, make_config
 from fuselab.train.run import execute
 
-TINY = {
-    "name": "safe",
-    "base": {
-        "data": {"name": "mfeat", "views": ["fou", "kar"]},
-        "model": {"name": "mlp-streams", "hidden": 16},
-        "train": {"epochs": 2, "batch_size": 64, "threads": 1},
-    },
-    "grid": {"fusion.name": ["concat", "sum"]},
-    "seeds": [0],
-}
+from conftest import tiny_spec
+
+TINY = tiny_spec("safe", hidden=16, epochs=2, baseline=False, threads=1)
 
 
 class _Payload:

@@ -26,19 +26,10 @@ from fuselab.report.experiment import _caption
 from fuselab.train.config import ConfigError
 from fuselab.train.run import build_data, build_model
 
-TINY = {
-    "name": "tiny-tune",
-    "base": {
-        "data": {"name": "mfeat", "views": ["fou", "kar"]},
-        "model": {"name": "mlp-streams", "hidden": 32},
-        "train": {"epochs": 3, "batch_size": 64, "lr": 5.0e-3},
-    },
-    "grid": {"fusion.name": ["concat", "sum"]},
-    "variants": [{"name": "lmf-r2", "fusion": {"name": "lmf", "rank": 2}}],
-    "seeds": [0],
-    "baseline": {"fusion.name": "concat"},
-    "search": {"train.lr": {"loguniform": [1.0e-3, 1.0e-2]}, "fusion.rank": {"int": [2, 8]}},
-}
+from conftest import tiny_spec
+
+TINY = {**tiny_spec("tiny-tune", variants=[{"name": "lmf-r2", "fusion": {"name": "lmf", "rank": 2}}], lr=5.0e-3),
+        "search": {"train.lr": {"loguniform": [1.0e-3, 1.0e-2]}, "fusion.rank": {"int": [2, 8]}}}
 
 
 def _spec(**changes):
