@@ -17,24 +17,11 @@ from typing import Any
 
 import fuselab.train.config as config_module
 from fuselab.api import fusion_info, list_fusions
-from fuselab.experiments.spec import SPEC_KEYS
+from fuselab.experiments.spec import SPEC_HELP
 from fuselab.plugins import from_plugin
 from fuselab.registry import DATASETS, LOSSES, MODELS
 
 _FIELD = re.compile(r"^\s+(\w+):\s*[^=]+?(?:=\s*(.+?))?\s*(?:#\s*(.*))?$")
-_SPEC_HELP = {
-    "name": "experiment name (the store keys the experiment by it; default: the file name)",
-    "description": "free text, shown nowhere but kept with the experiment",
-    "base": "the run config every method starts from (sections data, model, fusion, exchange, loss, train)",
-    "grid": "dotted config keys mapped to lists of values; their product gives one method per combination",
-    "variants": "a list of named override sets (`name:` plus config sections), for options only some methods have",
-    "seeds": "a list of seeds, or a count (0..N-1); a seed fixes split, initialisation and batch order",
-    "baseline": "a variant name or an override set naming the method the others are tested against",
-    "metric": "the primary metric: accuracy or macro_f1",
-    "plugins": "plugin files (relative to the spec) or module names to load before the spec is read",
-}
-
-
 def _field_comments(cls: type) -> dict[str, str]:
     comments = {}
     for line in inspect.getsource(cls).splitlines():
@@ -121,7 +108,7 @@ def config_reference() -> str:
                   if v.default is not inspect.Parameter.empty]
         lines.append(f"- `{name}`: {first}" + (f" Options: {', '.join(params)}." if params else ""))
     lines += ["", "## Spec keys", "", "| key | meaning |", "|---|---|"]
-    lines += [f"| `{k}` | {_SPEC_HELP.get(k, '')} |" for k in SPEC_KEYS]
+    lines += [f"| `{k}` | {text} |" for k, text in SPEC_HELP.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -199,9 +199,9 @@ def evaluate_run(cfg: Any, state: dict[str, Tensor], settings: RobustnessSetting
     """The robustness curves of one run from its resolved config and best weights: a frame with columns
     ``corruption``, ``modality``, ``mode``, ``level``, ``accuracy``, and the clean test accuracy. A
     cross-validated run is evaluated fold by fold and its predictions pooled, as training pooled them."""
-    from fuselab.train.run import build_data, build_model
+    from fuselab.train.session import build_checked_model, build_data, fold_state, setup_process
 
-    torch.set_flush_denormal(True)  # as in training: the clean accuracy must be reproduced bit for bit
+    setup_process()  # as in training: the clean accuracy must be reproduced bit for bit
     device = torch.device(settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(int(cfg.seed))
     data = build_data(cfg)
@@ -209,10 +209,8 @@ def evaluate_run(cfg: Any, state: dict[str, Tensor], settings: RobustnessSetting
     batch_size = int(cfg.train.eval_batch_size)
     frames, cleans = [], []
     for i, part in enumerate(parts):
-        model = build_model(cfg, part)
-        prefix = f"fold{i}/" if len(parts) > 1 else ""
-        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} if prefix else state
-        model.load_state_dict(sub)
+        model = build_checked_model(cfg, part)
+        model.load_state_dict(fold_state(state, i, len(parts)))
         model.to(device)
         frame, clean = evaluate_model(model, part.to(device), settings, seed=int(cfg.seed) + 1000 * i, batch_size=batch_size)
         frames.append(frame)

@@ -18,13 +18,31 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from fuselab.errors import ConfigError
+from fuselab.metrics import METRICS as TASK_METRICS
 from fuselab.experiments.space import check_space, parse_space
 from fuselab.train.config import apply_overrides, read_yaml
 
-SPEC_KEYS = ("name", "description", "base", "grid", "variants", "seeds", "baseline", "metric", "plugins",
-             "search", "direction", "budget", "match_params", "trials")
+# every key a spec may have, with what it means (the reference page is generated from this table)
+SPEC_HELP = {
+    "name": "experiment name (the store keys the experiment by it; default: the file name)",
+    "description": "free text: the caption of the report's tables starts with it",
+    "base": "the run config every method starts from (sections data, model, fusion, exchange, loss, train)",
+    "grid": "dotted config keys mapped to lists of values; their product gives one method per combination",
+    "variants": "a list of named override sets (`name:` plus config sections), for options only some methods have",
+    "seeds": "a list of seeds, or a count (0..N-1); a seed fixes split, initialisation and batch order",
+    "baseline": "a variant name or an override set naming the method the others are tested against",
+    "metric": "the primary test metric of the table and the tests: accuracy, macro_f1, kappa, f1_change, iou_change or miou",
+    "plugins": "plugin files (relative to the spec) or module names to load before the spec is read",
+    "search": "tuning space: dotted config keys mapped to one of {loguniform, uniform, int, logint, choice: [...]} (`fuselab tune`)",
+    "direction": "maximize (default) or minimize the validation metric while tuning",
+    "budget": "equal-epochs (default: every method trains the base's epochs) or equal-trials (each method is tuned "
+              "with `trials` trials on validation before its seeds run)",
+    "match_params": "true: scale each method's width option until its parameter count is within 5 % of the baseline's",
+    "trials": "Optuna trials per method under budget equal-trials (default 20)",
+}
+SPEC_KEYS = tuple(SPEC_HELP)
 BUDGETS = ("equal-epochs", "equal-trials")
-METRICS = ("accuracy", "macro_f1", "kappa", "f1_change", "iou_change", "miou")  # the test metrics of the tasks
+METRICS = tuple(dict.fromkeys(m for task in TASK_METRICS.values() for m in task))  # the test metrics of the tasks
 # execution details: they change how a run executes, not what it computes, so they are not in its id
 EXECUTION_KEYS = (
     "train.threads", "train.tensorboard", "train.checkpoint", "train.eval_batch_size", "train.checkpoint_every",
