@@ -42,7 +42,7 @@ from omegaconf import OmegaConf
 from fuselab.data.core import IGNORE_INDEX
 from fuselab.errors import ConfigError
 from fuselab.metrics import METRICS, prediction_metrics
-from fuselab.train.session import load_run, read_run_config
+from fuselab.train.session import load_run_on, read_run_config
 
 EVALUATIONS = "evaluations"  # folder of a run that holds its evaluations
 LABELS = {"accuracy": "OA", "kappa": "Kappa", "f1_change": "F1 change", "iou_change": "IoU change",
@@ -84,7 +84,7 @@ def score_run(run_dir: str | Path, overrides: Sequence[str] = (), *, device: str
               trust: bool = False) -> dict[str, Any]:
     """Metrics of a finished run on the data its config plus ``overrides`` describes (see the module docstring)."""
     items = evaluation_overrides(run_dir, overrides)
-    run = load_run(run_dir, items, device=device, trust=trust)
+    run = load_run_on(run_dir, items, device=device, trust=trust)
     data, n_models = run.data, len(run.models)
     record: dict[str, Any] = {"overrides": items, "task": data.task, "models": n_models,
                               "data": OmegaConf.to_container(run.config.data, resolve=True)}

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from fuselab.data.core import IGNORE_INDEX, DataBundle, ModalTensors
 from fuselab.errors import ConfigError
-from fuselab.train.session import LoadedRun, load_run, read_run_config
+from fuselab.train.session import LoadedRun, load_run_on, read_run_config
 
 SPLITS = ("train", "val", "test")
 SCENE_DATASETS = ("landsat-cd",)  # datasets whose input is one whole scene, predicted without its reference masks
@@ -83,7 +83,7 @@ def predict_scene(run_dir: str | Path, out: str | Path, overrides: Sequence[str]
     if georef is not None:
         require_rasterio(f"the input '{Path(paths[0]).name}' is georeferenced; its GeoTIFF output")
     x = scene_input(**options)
-    run = load_run(run_dir, overrides, data=scene_bundle(x), device=device, trust=trust)
+    run = load_run_on(run_dir, overrides, data=scene_bundle(x), device=device, trust=trust)
     _check_fold(run, fold)
     proba = run.predict_proba(x, fold=fold)[0]  # (k, h, w)
     change = proba.argmax(0).numpy().astype(np.uint8)
@@ -107,7 +107,7 @@ def predict_split(run_dir: str | Path, out: str | Path, overrides: Sequence[str]
     task's predicted class map."""
     if split not in SPLITS:
         raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got '{split}'")
-    run = load_run(run_dir, overrides, device=device, trust=trust)
+    run = load_run_on(run_dir, overrides, device=device, trust=trust)
     _check_fold(run, fold)
     data = run.data
     part: ModalTensors = getattr(data, split)
