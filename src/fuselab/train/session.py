@@ -285,8 +285,21 @@ def load_run(run_dir: str | Path, overrides: Sequence[str] = (), *, data: DataBu
     return LoadedRun(run_dir, cfg, data, models, metrics, device)
 
 
+def load_run_on(run_dir: str | Path, overrides: Sequence[str] = (), **options: Any) -> LoadedRun:
+    """:func:`load_run` for other data than the run trained on (``overrides`` of its data section): weights
+    that do not fit the model the new data describes (other modalities or widths) are one ``ConfigError`` line."""
+    try:
+        return load_run(run_dir, overrides, **options)
+    except RuntimeError as exc:
+        if "state_dict" not in str(exc):
+            raise
+        detail = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), "")[:160]
+        raise ConfigError(f"run '{Path(run_dir).name}' does not fit this data: the model it describes differs from the "
+                          f"trained one ({detail}); give data with the modalities and widths the run trained on") from None
+
+
 __all__ = [
     "DATA_CACHE_SIZE", "LoadedRun", "RunSession", "build_checked_model", "build_data", "build_loss", "build_model",
-    "cached_data", "clear_data_cache", "data_key", "fold_state", "load_run", "prepare_run", "read_run_config",
+    "cached_data", "clear_data_cache", "data_key", "fold_state", "load_run", "load_run_on", "prepare_run", "read_run_config",
     "rebuildable", "setup_process",
 ]
