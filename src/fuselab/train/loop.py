@@ -90,111 +90,32 @@ def fit(
         data = data.to(fabric.device)
     else:
         data = dataclasses.replace(data, train=data.train.to(fabric.device), val=data.val.to(fabric.device))
-    if data.task == "classification":
-        metric_fn = classification_metrics
-    else:
-        metric_fn = lambda logits, y, k: task_metrics(data.task, logits, y, k)  # noqa: E731
+    metric_fn = _metric_fn(data.task)
     if getattr(model, "needs_training", True) is False:
         return _evaluate_only(model.to(fabric.device), data, cfg, metric_fn, evaluate_test)
-    fused = fabric.device.type in ("cpu", "cuda")  # one fused kernel instead of a loop over tensors
-    optimizer = make_optimizer(model, cfg, fused=fused)
-    proximal = proximal_modules(model)  # e.g. CEN's L1 on BN scales as a soft threshold after each step
-    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, cfg.warmup))
-    model, optimizer = fabric.setup(model, optimizer)
-    generator = torch.Generator().manual_seed(seed)  # batch order: the same for every method of a seed
-    inner = getattr(model, "module", model)  # Fabric's wrapper keeps the original: the model's own hooks
-    training_stats = getattr(inner, "training_stats", None)  # e.g. MultiStream: its operators' epoch statistics
-    forward = _forward_fn(model, fabric, cfg.precision)
-    world, rank = fabric.world_size, fabric.global_rank
-    # modality dropout: the rates come from the config, the random numbers from a generator seeded per epoch
-    # (resumable); how a modality is dropped is the model's choice (``apply_modality_dropout``)
-    try:
-        dropout = dropout_rates(getattr(cfg, "modality_dropout", 0.0), data.modalities)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-
-    sign = -1.0 if cfg.monitor == "loss" else 1.0
-    best_score, best_loss, best_epoch, best_state = -math.inf, math.inf, -1, None
-    history: list[dict[str, float]] = []
-    stale, first_epoch = 0, 0
+    run = _Training.start(model, data, loss, cfg, seed=seed, fabric=fabric)
+    model = run.model
+    state = _Selection()
     if resume_path is not None and resume_path.is_file():
-        state = torch.load(resume_path, map_location="cpu", weights_only=True)  # tensors and plain types only: never runs code
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        best_score, best_loss, best_epoch, best_state = state["best"]
-        history, stale, first_epoch = state["history"], state["stale"], state["epoch"] + 1
+        state = run.resume(resume_path)
     last_save = time.monotonic()
-    for epoch in range(first_epoch, cfg.epochs):
-        model.train()
-        if cfg.freeze_bn and epoch >= cfg.freeze_bn_epoch:  # CEN's official recipe
-            freeze_batch_norms(model)
-        step_values: list[tuple[Tensor, ...]] = []
-        drop_gen = torch.Generator().manual_seed(seed * 100_003 + epoch) if any(dropout.values()) else None
-        for x, y in data.train.batches(cfg.batch_size, generator=generator, shuffle=True):
-            if world > 1:  # data parallel: each process takes its share of the same global batch
-                x, y = {m: v[rank::world] for m, v in x.items()}, y[rank::world]
-            if drop_gen is not None:
-                x, extra = apply_modality_dropout(inner, x, dropout, drop_gen)
-                output = forward(x, **extra)
-            else:
-                output = forward(x)
-            total, values = loss(output, y)
-            optimizer.zero_grad(set_to_none=True)
-            fabric.backward(total)
-            if cfg.grad_clip > 0:
-                fabric.clip_gradients(model, optimizer, max_norm=cfg.grad_clip, error_if_nonfinite=False)
-            optimizer.step()
-            if proximal:
-                proximal_steps(proximal, optimizer.param_groups[0]["lr"])
-            scheduler.step()
-            step_values.append((total.detach(), *(v.detach() for v in values.values())))
-        # one stack and one sync per epoch, none per step
-        epoch_means = torch.stack([torch.stack(v) for v in step_values]).sum(0) / len(step_values)
-        if world > 1:
-            epoch_means = fabric.all_reduce(epoch_means, reduce_op="mean")
-        means = epoch_means.tolist()
-        if not all(math.isfinite(v) for v in means):
-            bad = [n for n, v in zip(["loss", *values], means) if not math.isfinite(v)]
-            raise NonFiniteLossError(
-                f"training loss became non-finite at epoch {epoch} ({', '.join(bad)}); "
-                "lower train.lr, enable train.grad_clip, or use 32-bit precision"
-            )
+    for epoch in range(state.first_epoch, cfg.epochs):
+        means, names = run.train_epoch(data.train, epoch)
         val = {k: float(v) for k, v in metric_fn(predict(model, data.val, cfg.eval_batch_size), data.val.y, data.num_classes).items()}
-        row = {"epoch": epoch, "train_loss": means[0], **{f"train_{n}": v for n, v in zip(values, means[1:])}}
-        row.update({f"val_{k}": v for k, v in val.items()})
-        row["lr"] = scheduler.get_last_lr()[0]
-        if callable(training_stats):  # e.g. the share of exchanged channels of each channel-exchange
-            row.update(training_stats())
-        history.append(row)
+        row = run.epoch_row(epoch, means, names, val)
+        state.history.append(row)
         fabric.log_dict({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-        score = sign * val[cfg.monitor]
-        # ties on a small validation set are common: the lower validation loss breaks them
-        improved = score > best_score or (score == best_score and val["loss"] < best_loss)
-        if improved:
-            best_score, best_loss = score, val["loss"]
-            if cfg.select == "best":
-                best_epoch = epoch
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        stale = 0 if improved else stale + 1
+        state.update(epoch, val, model, cfg)
         if on_epoch is not None:
             on_epoch(epoch, row)
-        if cfg.patience and stale >= cfg.patience:
+        if cfg.patience and state.stale >= cfg.patience:
             break
         if resume_path is not None and fabric.is_global_zero and time.monotonic() - last_save >= cfg.checkpoint_every:
-            _save_resume_state(resume_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                "torch_rng": torch.get_rng_state(), "best": (best_score, best_loss, best_epoch, best_state),
-                "history": history, "stale": stale, "epoch": epoch,
-            })
+            run.save(resume_path, state, epoch)
             last_save = time.monotonic()
     if cfg.select == "last":
-        best_epoch, best_state = len(history) - 1, {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state.best_epoch, state.best_state = len(state.history) - 1, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    history, best_epoch, best_state = state.history, state.best_epoch, state.best_state
     assert best_state is not None
     model.load_state_dict(best_state)
     val_logits = predict(model, data.val, cfg.eval_batch_size)
@@ -209,6 +130,152 @@ def fit(
         test_true=test_true.cpu(),
         state_dict={k: v.cpu() for k, v in best_state.items()},
     )
+
+
+def _metric_fn(task: str) -> Callable[..., dict[str, Tensor]]:
+    """The metrics of a task, called as ``metric_fn(logits, y, num_classes)``."""
+    if task == "classification":
+        return classification_metrics
+    return lambda logits, y, k: task_metrics(task, logits, y, k)
+
+
+@dataclasses.dataclass
+class _Selection:
+    """The best epoch so far and the history: what picks the returned weights, saved with a resumable state."""
+
+    best_score: float = -math.inf
+    best_loss: float = math.inf
+    best_epoch: int = -1
+    best_state: dict[str, Tensor] | None = None
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    stale: int = 0  # epochs since the last improvement (for train.patience)
+    first_epoch: int = 0
+
+    def update(self, epoch: int, val: dict[str, float], model: nn.Module, cfg: TrainConfig) -> None:
+        """Keep this epoch's weights if its validation score is the best so far (``cfg.monitor``; ties on a
+        small validation set are common: the lower validation loss breaks them)."""
+        score = (-1.0 if cfg.monitor == "loss" else 1.0) * val[cfg.monitor]
+        improved = score > self.best_score or (score == self.best_score and val["loss"] < self.best_loss)
+        if improved:
+            self.best_score, self.best_loss = score, val["loss"]
+            if cfg.select == "best":
+                self.best_epoch = epoch
+                self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.stale = 0 if improved else self.stale + 1
+
+
+@dataclasses.dataclass
+class _Training:
+    """One training run's moving parts: the (Fabric-wrapped) model, optimiser, schedule, batch order, and the
+    model's own hooks (modality dropout, operator statistics)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    generator: torch.Generator
+    forward: Callable[..., Any]
+    inner: nn.Module
+    proximal: list[Any]
+    loss: WeightedLoss
+    cfg: TrainConfig
+    fabric: Fabric
+    seed: int
+    dropout: dict[str, float]
+    training_stats: Callable[[], dict[str, float]] | None
+
+    @classmethod
+    def start(cls, model: nn.Module, data: DataBundle, loss: WeightedLoss, cfg: TrainConfig, *, seed: int,
+              fabric: Fabric) -> "_Training":
+        fused = fabric.device.type in ("cpu", "cuda")  # one fused kernel instead of a loop over tensors
+        optimizer = make_optimizer(model, cfg, fused=fused)
+        proximal = proximal_modules(model)  # e.g. CEN's L1 on BN scales as a soft threshold after each step
+        total_steps = cfg.epochs * math.ceil(len(data.train) / cfg.batch_size)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, cfg.warmup))
+        model, optimizer = fabric.setup(model, optimizer)
+        generator = torch.Generator().manual_seed(seed)  # batch order: the same for every method of a seed
+        inner = getattr(model, "module", model)  # Fabric's wrapper keeps the original: the model's own hooks
+        # modality dropout: the rates come from the config, the random numbers from a generator seeded per
+        # epoch (resumable); how a modality is dropped is the model's choice (``apply_modality_dropout``)
+        try:
+            dropout = dropout_rates(getattr(cfg, "modality_dropout", 0.0), data.modalities)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        stats = getattr(inner, "training_stats", None)  # e.g. MultiStream: its operators' epoch statistics
+        return cls(model=model, optimizer=optimizer, scheduler=scheduler, generator=generator,
+                   forward=_forward_fn(model, fabric, cfg.precision), inner=inner, proximal=proximal, loss=loss,
+                   cfg=cfg, fabric=fabric, seed=seed, dropout=dropout, training_stats=stats if callable(stats) else None)
+
+    def train_epoch(self, train: ModalTensors, epoch: int) -> tuple[list[float], list[str]]:
+        """One pass over the training split; returns the epoch's mean loss terms (total first) and the terms'
+        names. Loss values stay on the device: one stack and one sync per epoch, none per step."""
+        cfg, fabric, model, optimizer = self.cfg, self.fabric, self.model, self.optimizer
+        world, rank = fabric.world_size, fabric.global_rank
+        model.train()
+        if cfg.freeze_bn and epoch >= cfg.freeze_bn_epoch:  # CEN's official recipe
+            freeze_batch_norms(model)
+        step_values: list[tuple[Tensor, ...]] = []
+        drop_gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch) if any(self.dropout.values()) else None
+        for x, y in train.batches(cfg.batch_size, generator=self.generator, shuffle=True):
+            if world > 1:  # data parallel: each process takes its share of the same global batch
+                x, y = {m: v[rank::world] for m, v in x.items()}, y[rank::world]
+            if drop_gen is not None:
+                x, extra = apply_modality_dropout(self.inner, x, self.dropout, drop_gen)
+                output = self.forward(x, **extra)
+            else:
+                output = self.forward(x)
+            total, values = self.loss(output, y)
+            optimizer.zero_grad(set_to_none=True)
+            fabric.backward(total)
+            if cfg.grad_clip > 0:
+                fabric.clip_gradients(model, optimizer, max_norm=cfg.grad_clip, error_if_nonfinite=False)
+            optimizer.step()
+            if self.proximal:
+                proximal_steps(self.proximal, optimizer.param_groups[0]["lr"])
+            self.scheduler.step()
+            step_values.append((total.detach(), *(v.detach() for v in values.values())))
+        epoch_means = torch.stack([torch.stack(v) for v in step_values]).sum(0) / len(step_values)
+        if world > 1:
+            epoch_means = fabric.all_reduce(epoch_means, reduce_op="mean")
+        means, names = epoch_means.tolist(), list(values)
+        if not all(math.isfinite(v) for v in means):
+            bad = [n for n, v in zip(["loss", *names], means) if not math.isfinite(v)]
+            raise NonFiniteLossError(
+                f"training loss became non-finite at epoch {epoch} ({', '.join(bad)}); "
+                "lower train.lr, enable train.grad_clip, or use 32-bit precision"
+            )
+        return means, names
+
+    def epoch_row(self, epoch: int, means: list[float], names: list[str], val: dict[str, float]) -> dict[str, float]:
+        """The history row of an epoch: mean training loss terms, validation metrics, the learning rate and
+        the model's own statistics (e.g. the share of exchanged channels of each channel exchange)."""
+        row = {"epoch": epoch, "train_loss": means[0], **{f"train_{n}": v for n, v in zip(names, means[1:])}}
+        row.update({f"val_{k}": v for k, v in val.items()})
+        row["lr"] = self.scheduler.get_last_lr()[0]
+        if self.training_stats is not None:
+            row.update(self.training_stats())
+        return row
+
+    def resume(self, path: Path) -> _Selection:
+        """Load a saved training state into this run; returns its selection state."""
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain types only: never runs code
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        best_score, best_loss, best_epoch, best_state = state["best"]
+        return _Selection(best_score=best_score, best_loss=best_loss, best_epoch=best_epoch, best_state=best_state,
+                          history=state["history"], stale=state["stale"], first_epoch=state["epoch"] + 1)
+
+    def save(self, path: Path, selection: _Selection, epoch: int) -> None:
+        """Save the whole training state after ``epoch`` (atomically)."""
+        _save_resume_state(path, {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "best": (selection.best_score, selection.best_loss, selection.best_epoch, selection.best_state),
+            "history": selection.history, "stale": selection.stale, "epoch": epoch,
+        })
 
 
 def _test_metrics(model: nn.Module, data: DataBundle, cfg: TrainConfig,
