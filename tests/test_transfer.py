@@ -1,0 +1,128 @@
+"""Transfer between scenes: the Taizhou scene cut into two halves saved as two scenes (ENVI images with map info,
+masks); ``fuselab compare`` trains on the top half (``data.fold=all``), ``fuselab evaluate`` scores the bottom
+half, ``fuselab predict`` writes its change map as PNG and GeoTIFF on the bottom half's grid."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from fuselab.data.core import IGNORE_INDEX
+from fuselab.data.envi import read_envi, write_envi
+from fuselab.data.geo import copy_georeference, read_georef, same_transform
+from fuselab.data.landsat import block_folds, landsat_cd, scene_tiles
+from fuselab.experiments.store import Store
+from fuselab.metrics import prediction_metrics
+from fuselab.models.cva import cva
+
+rasterio = pytest.importorskip("rasterio")  # the geo extra; part of dev, so CI runs this
+
+HALF = 200  # lines of each half
+
+
+def cut_scene(source: Path, out: Path) -> dict[str, Path]:
+    """The top and bottom halves of the scene in ``source`` as two scene folders (ENVI + map info + PNG masks)."""
+    folders = {}
+    for name, start in (("top", 0), ("bottom", HALF)):
+        folder = out / name
+        folder.mkdir(parents=True)
+        for image in ("2000TM", "2003TM"):
+            write_envi(folder / image, read_envi(source / image)[:, start : start + HALF])
+            copy_georeference(source / f"{image}.HDR", folder / image, row=start)
+        for mask in ("change", "unchanged"):
+            Image.fromarray(np.asarray(Image.open(source / f"{mask}.bmp"))[start : start + HALF]).save(folder / f"{mask}.png")
+        folders[name] = folder
+    return folders
+
+
+def scene_overrides(folder: Path) -> list[str]:
+    return [f"data.images=[{folder / '2000TM'},{folder / '2003TM'}]", f"data.change_mask={folder / 'change.png'}",
+            f"data.unchanged_mask={folder / 'unchanged.png'}"]
+
+
+def scene_section(folder: Path) -> dict:
+    return {"images": [str(folder / "2000TM"), str(folder / "2003TM")], "change_mask": str(folder / "change.png"),
+            "unchanged_mask": str(folder / "unchanged.png")}
+
+
+def test_fold_all_trains_on_every_fold_but_the_validation_slice_and_tests_every_labelled_pixel(data_root):
+    bundle = landsat_cd(data_root=str(data_root), fold="all", folds=5, block=40)
+    assert bundle.folds is None
+    labels = torch.stack([f.test.y[0] for f in landsat_cd(data_root=str(data_root)).folds]).amax(0)
+    assert torch.equal(bundle.test.y[0], labels)  # every labelled pixel, change and unchanged
+    assert int((bundle.test.y != IGNORE_INDEX).sum()) == 4227 + 17163
+    fold_map = torch.from_numpy(block_folds((400, 400), 40, 5))
+    val = bundle.val.y[0] != IGNORE_INDEX
+    assert val.any() and (fold_map[val] == 4).all()  # the validation slice is fold k - 1
+    assert int(val.sum()) == int((labels[fold_map == 4] != IGNORE_INDEX).sum())
+    train_map = torch.where(fold_map != 4, labels, torch.full_like(labels, IGNORE_INDEX))
+    scene = torch.stack([bundle.test.x["t1"][0], bundle.test.x["t2"][0]])
+    _, expected = scene_tiles(scene, train_map, 32, 16)  # the windows of every other fold's labels
+    assert torch.equal(bundle.train.y, expected)
+    assert int((labels[fold_map != 4] == 1).sum()) > 0.7 * 4227  # most change pixels are trained on
+
+def test_fold_all_rejects_other_words(data_root):
+    with pytest.raises(ValueError, match="'all'"):
+        landsat_cd(data_root=str(data_root), fold="every")
+
+
+def test_train_on_one_half_evaluate_and_predict_on_the_other(data_root, tmp_path):
+    from fuselab.cli import main
+
+    halves = cut_scene(data_root / "landsat-cd" / "taizhou", tmp_path / "scenes")
+    spec = {
+        "name": "halves",
+        "base": {
+            "data": {"name": "landsat-cd", **scene_section(halves["top"]), "fold": "all", "block": 40},
+            "model": {"name": "conv-streams", "widths": [4, 8], "shared_weights": True, "fuse_at": "all", "neck": "fpn"},
+            "fusion": {"name": "concat-diff"},
+            "loss": {"terms": [{"name": "dense-ce"}]},
+            "train": {"epochs": 3, "batch_size": 32, "lr": 3.0e-3, "threads": 1},
+        },
+        "variants": [{"name": "concat-diff"}, {"name": "cva", "model": {"name": "cva"}}],
+        "seeds": [0],
+        "baseline": "cva",
+    }
+    (tmp_path / "halves.yaml").write_text(yaml.safe_dump(spec))
+    store = tmp_path / "store"
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", str(tmp_path / "halves.yaml"), "--store", str(store), "--jobs", "1"])
+    assert exc.value.code in (0, None)
+
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "halves", "--store", str(store), "--name", "bottom", *scene_overrides(halves["bottom"])])
+    assert exc.value.code in (0, None)
+    runs = {r["method"]: Store(store).run_dir(r["run_id"]) for r in Store(store).experiment_runs("halves")}
+    records = {m: json.loads((d / "evaluations" / "bottom.json").read_text()) for m, d in runs.items()}
+    bottom = landsat_cd(**scene_section(halves["bottom"]), fold="all")
+    labelled = int((bottom.test.y != IGNORE_INDEX).sum())
+    assert labelled == sum(int((np.asarray(Image.open(halves["bottom"] / f"{m}.png")) > 0).sum()) for m in ("change", "unchanged"))
+    for record in records.values():
+        assert record["n"] == labelled and "data.fold=all" in record["overrides"]  # every labelled pixel of the other half
+    expected = cva(dims=bottom.dims, num_classes=2)(bottom.test.x).logits.argmax(1)
+    assert records["cva"]["metrics"]["kappa"] == pytest.approx(
+        prediction_metrics("change-detection", expected, bottom.test.y, 2)["kappa"].item(), abs=1e-6)
+    assert records["concat-diff"]["metrics"]["kappa"] > 0.3  # chance is 0; a few epochs on the top half transfer
+
+    out = tmp_path / "predicted"
+    with pytest.raises(SystemExit) as exc:  # images only: predicting needs no reference masks
+        main(["predict", str(runs["concat-diff"]), "--out", str(out), scene_overrides(halves["bottom"])[0]])
+    assert exc.value.code in (0, None)
+    change = np.asarray(Image.open(out / "change_map.png")) > 0
+    assert change.shape == (HALF, 400)
+    kappa = prediction_metrics("change-detection", torch.from_numpy(change.astype(np.int64))[None], bottom.test.y, 2)["kappa"]
+    assert kappa.item() == pytest.approx(records["concat-diff"]["metrics"]["kappa"], abs=1e-6)  # predict and evaluate agree
+    with rasterio.open(out / "change_map.tif") as tif:
+        assert np.array_equal(tif.read(1).astype(bool), change)
+        transform, crs = tif.transform, tif.crs
+    with rasterio.open(halves["bottom"] / "2000TM") as src:  # the input's map info as GDAL reads it
+        assert same_transform(read_georef(halves["bottom"] / "2000TM"), src.transform)
+        assert transform == src.transform and crs == src.crs
+    whole = read_georef(data_root / "landsat-cd" / "taizhou" / "2000TM")
+    assert transform.f == pytest.approx(whole.transform[5] - HALF * 30.0) and transform.c == whole.transform[2]
