@@ -257,3 +257,74 @@ def test_dry_run_estimates_from_finished_runs_in_the_store(week):
     assert m.group(1) == "sum" and m.group(3) == "median of 1 finished runs in the store"
     assert float(m.group(2)) == pytest.approx(runs[("sum", 1)]["metrics"]["seconds"], abs=0.051)
     assert "estimated from: sum: median time of the finished runs of the method in the store" in out
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. the journal's commands run as printed; fuselab run never replaces a run folder silently
+# ----------------------------------------------------------------------------------------------
+
+
+def _printed_command(line: str) -> list[str]:
+    """The command between backticks in ``line``, as an argument list for this interpreter."""
+    import shlex
+
+    words = shlex.split(re.search(r"`([^`]+)`", line).group(1))
+    assert words[0] == "fuselab"
+    return words[1:]
+
+
+@pytest.mark.parametrize("source", ["recorded", "stored copy"])
+def test_journal_next_steps_run_as_printed(week, tmp_path, source):
+    """A store elsewhere than ./runs with one run pending: the journal says how to finish it and how to write
+    it up, and both commands, run as printed from another folder, succeed."""
+    import shutil
+
+    from fuselab.experiments.store import Store
+
+    folder, spec_file, store, _ = week
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    if source == "stored copy":  # the spec file moved away: the journal names a copy of the stored spec
+        (copy / "tiny-week" / "spec-source.json").unlink()
+    run = next(r for r in Store(copy).experiment_runs("tiny-week") if r["method"] == "max" and r["seed"] == 1)
+    code, out, err = fuselab("runs", "retry", "--store", str(copy), "--id", run["run_id"], "--status", "done", "-y",
+                             out=tmp_path / "retry")
+    assert code == 0 and "1 runs reset to pending" in out, err
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code, out, err = fuselab("journal", "--store", str(copy), "--since", "1d", out=tmp_path / "journal", cwd=elsewhere)
+    assert code == 0, err
+    (finish,) = [line for line in out.splitlines() if "Finish the pending runs of tiny-week" in line]
+    args = _printed_command(finish)
+    expected = str(spec_file) if source == "recorded" else str(copy / "tiny-week" / "spec.yaml")
+    assert args == ["compare", expected, "--store", str(copy)]
+    code, out, err = fuselab(*args, out=tmp_path / "finish", cwd=elsewhere)
+    assert code == 0, err
+    assert "1 trained, 5 already in the store, 0 failed" in out
+    assert not (elsewhere / "runs").exists()  # nothing went to the default store
+    code, out, err = fuselab("journal", "--store", str(copy), "--since", "1d", out=tmp_path / "journal2", cwd=elsewhere)
+    (write_up,) = [line for line in out.splitlines() if "Write up tiny-week" in line]
+    args = _printed_command(write_up)
+    assert args == ["report", "tiny-week", "--store", str(copy)]
+    code, out, err = fuselab(*args, "--no-flops", "--no-html", out=tmp_path / "report", cwd=elsewhere)
+    assert code == 0 and (copy / "tiny-week" / "report" / "results.md").is_file(), err
+
+
+def test_run_refuses_to_replace_its_folder_unless_forced(tmp_path, data_root):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**SPEC["base"], "fusion": {"name": "sum"}, "train": {"epochs": 2, "threads": 1}}))
+    out = tmp_path / "single"
+    code, first, err = fuselab("run", str(config), "--out", str(out), out=tmp_path / "first")
+    assert code == 0, err
+    (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
+    metrics = (run_dir / "metrics.json").read_text()
+    code, second, err = fuselab("run", str(config), "--out", str(out), out=tmp_path / "second")
+    assert code == 2 and second == ""
+    assert err.strip().splitlines() == [f"error: run folder '{run_dir}' exists (same config and seed); pass --force "
+                                        "to train again and replace it, or --out to write elsewhere"]
+    assert (run_dir / "metrics.json").read_text() == metrics  # untouched
+    code, third, err = fuselab("run", str(config), "--out", str(out), "--force", out=tmp_path / "third")
+    assert code == 0, err
+    assert "test accuracy" in third and (run_dir / "metrics.json").is_file()
+    for text in (first, third, err):
+        assert "Previous log files" not in text and "Warning" not in text

@@ -77,7 +77,11 @@ def test_report_states_pending_failed_interrupted_runs_and_short_methods_first(r
     assert lines[0] == ("> Incomplete: 3 of 6 runs are not in this table: 1 pending (late seed 1); "
                         "1 failed (late seed 0); 1 interrupted (sum seed 1).")
     assert lines[1] == "> Methods with fewer seeds than the spec: sum 1 of 2, late 0 of 2 (left out of the table)."
-    assert lines[2].startswith("> `fuselab compare SPEC.yaml --store ") and "retried" in lines[2]
+    # the command runs as printed: the spec is not shipped, so a copy of the stored spec is named
+    root = out.parent.parent
+    assert lines[2] == (f"> `fuselab compare {root / 'tiny-missing' / 'spec.yaml'} --store {root}` trains what is "
+                        "missing (failed and interrupted runs are retried).")
+    assert (root / "tiny-missing" / "spec.yaml").is_file()
     results = (out / "results.md").read_text(encoding="utf-8")
     assert results.splitlines()[0] == lines[0]
     report = (out / "report.md").read_text(encoding="utf-8")

@@ -176,7 +176,9 @@ def test_journal_in_english_and_chinese_with_the_same_numbers(store, report):
     assert f"- 1: tiny-report: tried 4 variants (9 runs) against the baseline {baseline}" in en
     assert f"- 1: tiny-report：尝试了 4 种变体（9 个运行），基线为 {baseline}" in zh
     assert "lmf-r2 (seed 0): RuntimeError: out of memory" in en and "lmf-r2（种子 0）：RuntimeError: out of memory" in zh
-    assert "Retry the failed runs: `fuselab compare tiny-report`" in en
+    # a spec that is not shipped is named by a copy of the stored spec, and the store is named
+    assert (f"Retry the failed runs of tiny-report: `fuselab compare {store / 'tiny-report' / 'spec.yaml'} "
+            f"--store {store}`") in en
     for verdict_en, verdict_zh in (("not significant", "差异不显著"), ("significantly", "显著")):
         assert (verdict_en in en) == (verdict_zh in zh)
     numbers = lambda s: re.findall(r"[+-]?\d+\.\d\d(?: ± \d+\.\d\d %| pp)", s)  # noqa: E731

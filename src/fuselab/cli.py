@@ -72,13 +72,18 @@ def run_cmd(
     config: Optional[Path] = typer.Argument(None, help="a YAML run config (defaults apply without one)"),
     overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides, e.g. fusion.name=lmf train.epochs=20"),
     out: Path = typer.Option(Path("runs/single"), "--out", "-o", help="parent folder of the run folder"),
+    force: bool = typer.Option(False, "--force", help="train again and replace a run folder of the same config and seed"),
     plugin: Optional[list[str]] = PLUGIN_OPTION,
 ) -> None:
     """Train one model from a config and print its test metrics."""
     import os
+    import warnings
 
-    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("RANK", "0") != "0":
+    rank_zero = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("RANK", "0") == "0"
+    if not rank_zero:
         console.quiet = True  # in a multi-process run only rank 0 reports
+    # the folder is new or emptied below: Lightning's notice about replacing its logs says nothing to the user
+    warnings.filterwarnings("ignore", message=r".*Previous log files in this directory will be deleted.*")
     from fuselab.plugins import load_plugins
 
     load_plugins(plugin or [])
@@ -92,6 +97,15 @@ def run_cmd(
         config = None
     cfg = make_config(read_yaml(config) if config else None, items)
     run_dir = out / run_id(cfg)
+    if rank_zero and run_dir.exists():  # the same config and seed: never replaced silently
+        if not force:
+            from fuselab.train.config import ConfigError
+
+            raise ConfigError(f"run folder '{run_dir}' exists (same config and seed); pass --force to train again "
+                              "and replace it, or --out to write elsewhere")
+        import shutil
+
+        shutil.rmtree(run_dir)
     epochs = int(cfg.train.epochs)
     what = f"{cfg.fusion.name} on {cfg.data.name} with {cfg.model.name}"
     if cfg.model.name in OWN_FUSION_MODELS:
@@ -263,6 +277,9 @@ def compare_cmd(
         _print_plan(sp, st, jobs, wanted)
         return
     plan = prepare(sp, st)
+    from fuselab.report.commands import record_spec_source
+
+    record_spec_source(st.root, sp.name, spec)  # the journal's and reports' commands name this file
     if wanted:
         plan = [r for r in plan if r.method in wanted]
     unique = {r.run_id for r in plan}
@@ -404,12 +421,16 @@ def _print_report(store: Path, experiment: str, **options) -> None:
     report = build_report(store, experiment, **options)
     console.print(report.markdown, markup=False, highlight=False)
     missing = sum(r["status"] == MISSING for r in Store(store).experiment_runs(experiment))
+    from fuselab.report.commands import command, spec_argument, store_args
+
     if missing:
-        console.print(f"[yellow]{missing} runs are done in the store but their folders are missing[/] (left out); "
-                      f"`fuselab runs retry --store {store} --experiment {experiment} --status missing` "
-                      "and `fuselab compare` train them again")
+        retry = command("runs", "retry", "--store", str(store), "--experiment", experiment, "--status", "missing")
+        again = command("compare", spec_argument(store, experiment), *store_args(store))
+        console.print(f"{missing} runs are done in the store but their folders are missing (left out); "
+                      f"`{retry}` and `{again}` train them again", markup=False, highlight=False)
     if report.failed:
-        console.print(f"[red]{report.failed} runs failed[/]; `fuselab compare` again retries them")
+        again = command("compare", spec_argument(store, experiment), *store_args(store))
+        console.print(f"{report.failed} runs failed; `{again}` retries them", markup=False, highlight=False)
     tables = ("markdown", "latex", "csv")
     console.print(f"tables: {', '.join(str(report.files[k]) for k in tables)}")
     extra = [k for k in report.files if k not in tables]

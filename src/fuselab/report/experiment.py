@@ -70,7 +70,7 @@ def missing_lines(store: str | Path, experiment: str, runs: list[dict], frame: p
         the methods with fewer finished seeds than planned (those with none are left out of the table);
         the command that trains what is missing.
     """
-    from fuselab.experiments.spec import shipped_specs
+    from fuselab.report.commands import command, spec_argument, store_args
 
     sep = "；" if lang == "zh" else "; "
     absent = [r for r in runs if r["status"] != "done"]
@@ -96,8 +96,8 @@ def missing_lines(store: str | Path, experiment: str, runs: list[dict], frame: p
     if items:
         lines.append(text("missing_seeds", lang, items=(sep if lang == "zh" else ", ").join(items)))
     if lines:
-        spec = experiment if experiment in shipped_specs() else "SPEC.yaml"
-        lines.append(text("missing_fix", lang, spec=spec, store=store))
+        spec = spec_argument(store, experiment)
+        lines.append(text("missing_fix", lang, command=command("compare", spec, *store_args(store))))
     return lines
 
 

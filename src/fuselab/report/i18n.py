@@ -64,8 +64,8 @@ _TEXT: dict[str, dict[str, str]] = {
     "missing_seed_item": {"en": "{method} {done} of {planned}", "zh": "{method} {planned} 个中的 {done} 个"},
     "missing_left_out": {"en": " (left out of the table)", "zh": "（未列入表中）"},
     "missing_fix": {
-        "en": "`fuselab compare {spec} --store {store}` trains what is missing (failed and interrupted runs are retried).",
-        "zh": "`fuselab compare {spec} --store {store}` 会补完缺少的运行（失败和中断的运行会重试）。",
+        "en": "`{command}` trains what is missing (failed and interrupted runs are retried).",
+        "zh": "`{command}` 会补完缺少的运行（失败和中断的运行会重试）。",
     },
     "budget_epochs": {"en": "equal epochs ({epochs})", "zh": "相同轮数（{epochs} 轮）"},
     "budget_equal": {"en": "equal epochs", "zh": "相同轮数"},
@@ -154,9 +154,9 @@ _TEXT: dict[str, dict[str, str]] = {
     "failed_line": {"en": "failed runs: {n}", "zh": "失败的运行：{n} 个"},
     "failed_item": {"en": "{method} (seed {seed}): {error}", "zh": "{method}（种子 {seed}）：{error}"},
     "pending_line": {"en": "{n} runs still pending or running", "zh": "还有 {n} 个运行未完成"},
-    "plan_retry": {"en": "Retry the failed runs: `fuselab compare {experiment}`", "zh": "重跑失败的运行：`fuselab compare {experiment}`"},
-    "plan_finish": {"en": "Finish the pending runs: `fuselab compare {experiment}`", "zh": "补完未完成的运行：`fuselab compare {experiment}`"},
-    "plan_report": {"en": "Write up {experiment}: `fuselab report {experiment}`", "zh": "整理 {experiment} 的结果：`fuselab report {experiment}`"},
+    "plan_retry": {"en": "Retry the failed runs of {experiment}: `{command}`", "zh": "重跑 {experiment} 失败的运行：`{command}`"},
+    "plan_finish": {"en": "Finish the pending runs of {experiment}: `{command}`", "zh": "补完 {experiment} 未完成的运行：`{command}`"},
+    "plan_report": {"en": "Write up {experiment}: `{command}`", "zh": "整理 {experiment} 的结果：`{command}`"},
 }
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from fuselab.experiments.store import Store
+from fuselab.report.commands import command, spec_argument, store_args
 from fuselab.report.i18n import check_lang, text
 from fuselab.train.config import ConfigError
 
@@ -126,19 +127,22 @@ def build_journal(store: str | Path, *, since: str = "7d", lang: str = "en", now
             else:
                 lines.append(f"  - {text('best_line', lang, method=best['method'], value=value, delta=_delta(best['delta']))}")
         failed = recent[recent["status"] == "failed"]
+        # commands as they run: the spec by name or path, the store when it is not the default
+        compare = lambda: command("compare", spec_argument(store, str(name)), *store_args(store))  # noqa: E731
         if not failed.empty:
             lines.append(f"  - {text('failed_line', lang, n=len(failed))}")
             for r in failed.head(5).itertuples(index=False):
                 error = (r.error or "").splitlines()[0] if r.error else "?"
                 lines.append(f"    - {text('failed_item', lang, method=r.method, seed=r.seed, error=error)}")
-            plan.append(text("plan_retry", lang, experiment=name))
+            plan.append(text("plan_retry", lang, experiment=name, command=compare()))
         open_runs = int(exp_runs["status"].isin(["pending", "running"]).sum())
         if open_runs:
             lines.append(f"  - {text('pending_line', lang, n=open_runs)}")
             if failed.empty:
-                plan.append(text("plan_finish", lang, experiment=name))
+                plan.append(text("plan_finish", lang, experiment=name, command=compare()))
         if summary is not None and failed.empty and not open_runs:
-            plan.append(text("plan_report", lang, experiment=name))
+            plan.append(text("plan_report", lang, experiment=name,
+                             command=command("report", str(name), *store_args(store), *(["--lang", lang] if lang != "en" else []))))
     if item == 0:
         lines.append(text("nothing", lang))
     if plan:
