@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 import fuselab.api as api
 from fuselab.models.heads import ClassificationHead, DenseHead
-from fuselab.models.merging import merge_and_head
+from fuselab.models.merging import MergeAndHead, merge_and_head
 from fuselab.models.multistream import (
     MultiScaleMerge,
     MultiStream,
@@ -150,6 +150,74 @@ def check_streams(builder: str, dims: Mapping[str, int], widths: list[int] | Non
     return widths, modalities
 
 
+def _standalone_exchange(exchange: Mapping[str, Any] | None, at: int | None) -> tuple[str | None, dict[str, Any]]:
+    """The ``exchange`` option's operator name (None for none) and options, checked: a standalone map
+    exchange, on streams that run apart."""
+    options = dict(exchange or {})
+    name = options.pop("name", None)
+    if name is not None:
+        info = api.fusion_info(name)
+        if info.contract != "exchange" or info.kind != "standalone" or "map" not in info.forms:
+            raise ValueError(f"exchange '{name}' is not a standalone map exchange (e.g. rectify)")
+        if at == -1:
+            raise ValueError("an exchange needs separate streams; it cannot be used with model.fuse_at=early")
+    return name, options
+
+
+def _separate_stages(dims: Mapping[str, int], widths: list[int], separate: int, *, blocks: int, stem_blocks: int,
+                     shared_weights: bool, batched: bool, exchange: tuple[str | None, dict[str, Any]]) -> list[nn.Module]:
+    """The stages the streams run apart, each a ``{m: x_m} -> {m: x'_m}`` step (shared or per modality),
+    followed by the standalone exchange where there is one."""
+    modalities = sorted(dims)
+    exchange_name, options = exchange
+    steps: list[nn.Module] = []
+    for s in range(separate):
+        if shared_weights:
+            stage = conv_stage(s, dims[modalities[0]] if s == 0 else widths[s - 1], widths[s], blocks=blocks, stem_blocks=stem_blocks)
+            steps.append(SharedStage(stage) if batched else LoopedStage(stage))
+        else:
+            steps.append(PerModality({
+                m: conv_stage(s, dims[m] if s == 0 else widths[s - 1], widths[s], blocks=blocks, stem_blocks=stem_blocks) for m in modalities
+            }))
+        if exchange_name is not None:
+            steps[-1] = StreamSequence([steps[-1], api.create_fusion(exchange_name, dims={m: widths[s] for m in modalities}, **options)])
+    return steps
+
+
+def _multi_scale(point: MergeAndHead, steps: list[nn.Module], modalities: list[str], widths: list[int],
+                 fuse_stages: list[int], *, neck: str | None, neck_width: int | None, rates: list[int], bins: list[int]
+                 ) -> tuple[nn.Module, None, nn.Module, int]:
+    """Merges at several stages and the neck over them: (merge, no trunk, neck, width of the neck)."""
+    merges = {s: point.merge({m: widths[s] for m in modalities}) for s in fuse_stages}
+    width = neck_width or widths[0]
+    head_neck = make_neck(neck or "fpn", [merges[s].out_dim for s in fuse_stages], width, rates=rates, bins=bins)
+    return MultiScaleMerge(steps, merges), None, head_neck, width
+
+
+def _single_point(point: MergeAndHead, dims: Mapping[str, int], widths: list[int], at: int, *, blocks: int,
+                  stem_blocks: int, neck: str | None, neck_width: int | None, rates: list[int], bins: list[int]
+                  ) -> tuple[nn.Module, nn.Module | None, nn.Module | None, int]:
+    """One merge after stage ``at`` (-1: the inputs), the shared trunk of the later stages and an optional neck:
+    (merge, trunk, neck, width of what the head reads)."""
+    modalities = sorted(dims)
+    merge = point.merge(dict(dims) if at == -1 else {m: widths[at] for m in modalities})
+    trunk_stages = [
+        conv_stage(s, merge.out_dim if s == at + 1 else widths[s - 1], widths[s], blocks=blocks, stem_blocks=stem_blocks)
+        for s in range(at + 1, len(widths))
+    ]
+    trunk: nn.Module | None = nn.Sequential(*trunk_stages) if trunk_stages else None
+    fused_width = widths[-1] if trunk_stages else merge.out_dim
+    head_neck = None
+    if neck is not None:
+        width = neck_width or widths[0]
+        head_neck = make_neck(neck, [fused_width], width, rates=rates, bins=bins)
+        # the neck runs before the trunk in MultiStream; with a trunk, put it after the trunk instead
+        if trunk is not None:
+            trunk, head_neck = nn.Sequential(trunk, head_neck), None
+        fused_width = width
+    return merge, trunk, head_neck, fused_width
+
+
 @MODELS.register("conv-streams")
 def conv_streams(
     *,
@@ -203,54 +271,19 @@ def conv_streams(
     at = None if fuse_stages is not None else resolve_fuse_at(fuse_at, n_stages)
     point = merge_and_head(fusion, num_classes=num_classes,
                            logits_error="fusion '{name}' merges logits; conv-streams takes a feature merge")
-    exchange = dict(exchange or {})
-    exchange_name = exchange.pop("name", None)
-    if exchange_name is not None:
-        info = api.fusion_info(exchange_name)
-        if info.contract != "exchange" or info.kind != "standalone" or "map" not in info.forms:
-            raise ValueError(f"exchange '{exchange_name}' is not a standalone map exchange (e.g. rectify)")
-        if at == -1:
-            raise ValueError("an exchange needs separate streams; it cannot be used with model.fuse_at=early")
-
+    exchange_name, exchange = _standalone_exchange(exchange, at)
     separate = max(fuse_stages) + 1 if fuse_stages is not None else at + 1  # stages the streams run apart
-    steps: list[nn.Module] = []
-    for s in range(separate):
-        if shared_weights:
-            stage = conv_stage(s, dims[modalities[0]] if s == 0 else widths[s - 1], widths[s], blocks=blocks, stem_blocks=stem_blocks)
-            steps.append(SharedStage(stage) if batched else LoopedStage(stage))
-        else:
-            steps.append(PerModality({
-                m: conv_stage(s, dims[m] if s == 0 else widths[s - 1], widths[s], blocks=blocks, stem_blocks=stem_blocks) for m in modalities
-            }))
-        if exchange_name is not None:
-            steps[-1] = StreamSequence([steps[-1], api.create_fusion(exchange_name, dims={m: widths[s] for m in modalities}, **exchange)])
+    steps = _separate_stages(dims, widths, separate, blocks=blocks, stem_blocks=stem_blocks, shared_weights=shared_weights,
+                             batched=batched, exchange=(exchange_name, exchange))
     identity = {m: nn.Identity() for m in modalities}
-    head_neck: nn.Module | None = None
-
+    necks = {"neck": neck, "neck_width": neck_width, "rates": rates, "bins": bins}
     if fuse_stages is not None:
-        merges = {s: point.merge({m: widths[s] for m in modalities}) for s in fuse_stages}
-        merge: nn.Module = MultiScaleMerge(steps, merges)
-        width = neck_width or widths[0]
-        head_neck = make_neck(neck or "fpn", [merges[s].out_dim for s in fuse_stages], width, rates=rates, bins=bins)
-        fused_width, trunk = width, None
         if modality_heads:
             raise ValueError("model.modality_heads needs a single fusion point, not a list of stages")
+        merge, trunk, head_neck, fused_width = _multi_scale(point, steps, modalities, widths, fuse_stages, **necks)
     else:
-        in_dims = dict(dims) if at == -1 else {m: widths[at] for m in modalities}
-        merge = point.merge(in_dims)
-        trunk_stages = [
-            conv_stage(s, merge.out_dim if s == at + 1 else widths[s - 1], widths[s], blocks=blocks, stem_blocks=stem_blocks)
-            for s in range(at + 1, n_stages)
-        ]
-        trunk = nn.Sequential(*trunk_stages) if trunk_stages else None
-        fused_width = widths[-1] if trunk_stages else merge.out_dim
-        if neck is not None:
-            width = neck_width or widths[0]
-            head_neck = make_neck(neck, [fused_width], width, rates=rates, bins=bins)
-            # the neck runs before the trunk in MultiStream; with a trunk, put it after the trunk instead
-            if trunk is not None:
-                trunk, head_neck = nn.Sequential(trunk, head_neck), None
-            fused_width = width
+        merge, trunk, head_neck, fused_width = _single_point(point, dims, widths, at, blocks=blocks, stem_blocks=stem_blocks,
+                                                             **necks)
     head = point.head(fused_width, make=lambda width: DenseHead(width, num_classes, dropout=dropout) if dense
                       else ClassificationHead(width, num_classes, dropout=dropout))
     heads = None

@@ -126,6 +126,33 @@ class GlobalPool(nn.Module):
         return z
 
 
+def _output_width(m: str, module: nn.Module, spec: Mapping[str, Any], example: Mapping[str, Tensor] | None) -> tuple[int, str]:
+    """The width and form of an encoder's output: measured on two samples of ``example``, else its ``out_dim``
+    (a vector)."""
+    if example is None:
+        if "out_dim" not in spec:
+            raise ValueError(f"model.encoders.{m}: give out_dim (no example batch to measure it on)")
+        return int(spec["out_dim"]), "vector"
+    x = example[m][:2]
+    with torch.no_grad():
+        was = module.training
+        try:
+            out = module.eval()(x)
+        except Exception as exc:  # noqa: BLE001 - a user's encoder that does not fit the data
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ValueError(f"encoder of '{m}' ({spec.get('target')}) fails on an input of shape "
+                             f"{tuple(x.shape)}: {first}") from None
+        module.train(was)
+    if not isinstance(out, Tensor):
+        raise ValueError(f"encoder of '{m}' returned a {type(out).__name__}; expected a tensor "
+                         "(B, D), (B, N, D) or (B, C, H, W), or a list of them")
+    form = _FORM_OF_RANK.get(out.dim())
+    if form is None or out.shape[0] != x.shape[0]:
+        raise ValueError(f"encoder of '{m}' returned shape {tuple(out.shape)} for a batch of {x.shape[0]}; "
+                         "expected (B, D), (B, N, D) or (B, C, H, W) with the batch first")
+    return int(out.shape[1] if out.dim() == 4 else out.shape[-1]), form
+
+
 @MODELS.register("custom-streams")
 def custom_streams(
     *,
@@ -155,30 +182,7 @@ def custom_streams(
     widths: dict[str, int] = {}
     forms: set[str] = set()
     for m, module in modules.items():
-        spec = encoders.get(m, encoders.get("*"))
-        if example is None:
-            if "out_dim" not in spec:
-                raise ValueError(f"model.encoders.{m}: give out_dim (no example batch to measure it on)")
-            widths[m], form = int(spec["out_dim"]), "vector"
-        else:
-            x = example[m][:2]
-            with torch.no_grad():
-                was = module.training
-                try:
-                    out = module.eval()(x)
-                except Exception as exc:  # noqa: BLE001 - a user's encoder that does not fit the data
-                    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                    raise ValueError(f"encoder of '{m}' ({spec.get('target')}) fails on an input of shape "
-                                     f"{tuple(x.shape)}: {first}") from None
-                module.train(was)
-            if not isinstance(out, Tensor):
-                raise ValueError(f"encoder of '{m}' returned a {type(out).__name__}; expected a tensor "
-                                 "(B, D), (B, N, D) or (B, C, H, W), or a list of them")
-            form = _FORM_OF_RANK.get(out.dim())
-            if form is None or out.shape[0] != x.shape[0]:
-                raise ValueError(f"encoder of '{m}' returned shape {tuple(out.shape)} for a batch of {x.shape[0]}; "
-                                 "expected (B, D), (B, N, D) or (B, C, H, W) with the batch first")
-            widths[m] = int(out.shape[1] if out.dim() == 4 else out.shape[-1])
+        widths[m], form = _output_width(m, module, encoders.get(m, encoders.get("*")), example)
         forms.add(form)
     point = merge_and_head(fusion, num_classes=num_classes)
     if len(forms) > 1:

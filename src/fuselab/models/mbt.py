@@ -111,6 +111,57 @@ def fusion_problem(model: Mapping[str, Any], exchange: Mapping[str, Any]) -> str
     return None
 
 
+def _check_options(dims: Mapping[str, Any], *, layers: int, heads: int, width: int, fusion_layer: int,
+                   classifier: str) -> None:
+    """The shape options of ``mbt``: positive layers, heads dividing the width, the fusion layer, the classifier."""
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        raise ValueError(f"model.layers must be a positive integer, got {layers!r}")
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or width % heads:
+        raise ValueError(f"model.heads={heads} must be a positive divisor of model.width={width}")
+    check_fusion_layer(fusion_layer, layers)
+    if classifier not in CLASSIFIERS:
+        raise ValueError(f"model.classifier must be one of {', '.join(CLASSIFIERS)}, got {classifier!r}")
+    if len(dims) < 1:
+        raise ValueError("mbt needs at least 1 modality, got none")
+
+
+def _tokenizer_kinds(tokenizer: str | Mapping[str, str], dims: Mapping[str, Any]) -> dict[str, str]:
+    """The tokenizer of each modality (``auto`` resolved by its input shape)."""
+    kinds = per_modality(tokenizer, sorted(dims), "feature")
+    for m, kind in kinds.items():
+        if kind not in TOKENIZERS:
+            raise ValueError(f"model.tokenizer must be one of {', '.join(TOKENIZERS)}, got {kind!r}")
+        kinds[m] = auto_tokenizer(dims[m]) if kind == "auto" else kind
+    return kinds
+
+
+def _token_exchange(exchange: Mapping[str, Any] | None, n_bottlenecks: int) -> tuple[str, dict[str, Any]]:
+    """The exchange operator's name and options (default ``bottleneck`` with ``n_bottlenecks`` tokens),
+    checked to be a token exchange."""
+    options = dict(exchange or {"name": "bottleneck"})
+    name = options.pop("name")
+    info = api.fusion_info(name)
+    if info.contract != "exchange" or "tokens" not in info.forms:
+        raise ValueError(f"exchange '{name}' is not a token exchange; use bottleneck, joint-attention, "
+                         "cross-attention or token-exchange")
+    if name == "bottleneck":
+        options.setdefault("n_bottlenecks", n_bottlenecks)
+    return name, options
+
+
+def _exchange_part(name: str, options: Mapping[str, Any], rest: Mapping[str, Sequence[nn.Module]], width: int) -> nn.Module:
+    """The blocks from the fusion layer on, with the exchange: a wrapping exchange around them, or a standalone
+    exchange before each of them."""
+    modalities = sorted(rest)
+    if api.fusion_info(name).kind == "wrapping":
+        return api.create_fusion(name, layers=rest, **options)
+    steps: list[nn.Module] = []
+    for i in range(len(rest[modalities[0]])):
+        steps.append(api.create_fusion(name, dims={m: width for m in modalities}, **options))
+        steps.append(PerModality({m: rest[m][i] for m in modalities}))
+    return StreamSequence(steps)
+
+
 @MODELS.register("mbt")
 def mbt(
     *,
@@ -158,43 +209,24 @@ def mbt(
         features_per_token: features grouped into one token by the feature tokenizer (1 = FT-Transformer).
         patch_size: patch side of the patch / spectrogram tokenizers (one value, or ``{modality: size}``).
         patch_stride: patch step of the spectrogram tokenizer (AST: 10; one value, or ``{modality: step}``).
-
-    With one modality (``data.modalities: [image]``) the model is that stream alone, a unimodal baseline:
-    no exchange and no merge (the ``fusion`` and ``exchange`` sections are ignored), a linear head on the
-    pooled stream.
         dropout: dropout on embeddings, attention outputs and MLPs.
         attn_dropout: dropout on attention probabilities.
         drop_path: stochastic depth, growing linearly over the blocks to this rate.
         modality_heads: a linear head per stream on its pooled vector (for the ``aux-unimodal`` loss term).
+
+    With one modality (``data.modalities: [image]``) the model is that stream alone, a unimodal baseline:
+    no exchange and no merge (the ``fusion`` and ``exchange`` sections are ignored), a linear head on the
+    pooled stream.
     """
-    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
-        raise ValueError(f"model.layers must be a positive integer, got {layers!r}")
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or width % heads:
-        raise ValueError(f"model.heads={heads} must be a positive divisor of model.width={width}")
-    check_fusion_layer(fusion_layer, layers)
-    if classifier not in CLASSIFIERS:
-        raise ValueError(f"model.classifier must be one of {', '.join(CLASSIFIERS)}, got {classifier!r}")
-    if len(dims) < 1:
-        raise ValueError("mbt needs at least 1 modality, got none")
+    _check_options(dims, layers=layers, heads=heads, width=width, fusion_layer=fusion_layer, classifier=classifier)
     modalities = sorted(dims)
-    tokenizers = per_modality(tokenizer, modalities, "feature")
-    for m, kind in tokenizers.items():
-        if kind not in TOKENIZERS:
-            raise ValueError(f"model.tokenizer must be one of {', '.join(TOKENIZERS)}, got {kind!r}")
-        tokenizers[m] = auto_tokenizer(dims[m]) if kind == "auto" else kind
+    tokenizers = _tokenizer_kinds(tokenizer, dims)
     patch_sizes = per_modality(patch_size, modalities, 16)
     patch_strides = per_modality(patch_stride, modalities, 10)
     unimodal = len(modalities) == 1
     if unimodal:
         fusion_layer = layers  # every block is the stream's own; nothing to exchange with
-    exchange = dict(exchange or {"name": "bottleneck"})
-    exchange_name = exchange.pop("name")
-    info = api.fusion_info(exchange_name)
-    if info.contract != "exchange" or "tokens" not in info.forms:
-        raise ValueError(f"exchange '{exchange_name}' is not a token exchange; use bottleneck, joint-attention, "
-                         "cross-attention or token-exchange")
-    if exchange_name == "bottleneck":
-        exchange.setdefault("n_bottlenecks", n_bottlenecks)
+    exchange_name, exchange = _token_exchange(exchange, n_bottlenecks)
 
     block_options = dict(dim=width, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout, attn_dropout=attn_dropout,
                          drop_path=drop_path)
@@ -207,17 +239,9 @@ def mbt(
         stem = TokenStem(tok, dim=width, class_token=classifier == "token", dropout=dropout)
         encoders[m] = nn.Sequential(stem, *blocks[m][:fusion_layer])
 
-    exchange_module: nn.Module | None = None
+    exchange_module = None
     if fusion_layer < layers:
-        rest = {m: blocks[m][fusion_layer:] for m in modalities}
-        if info.kind == "wrapping":
-            exchange_module = api.create_fusion(exchange_name, layers=rest, **exchange)
-        else:  # a standalone exchange before each remaining block
-            steps: list[nn.Module] = []
-            for i in range(layers - fusion_layer):
-                steps.append(api.create_fusion(exchange_name, dims={m: width for m in modalities}, **exchange))
-                steps.append(PerModality({m: rest[m][i] for m in modalities}))
-            exchange_module = StreamSequence(steps)
+        exchange_module = _exchange_part(exchange_name, exchange, {m: blocks[m][fusion_layer:] for m in modalities}, width)
 
     counts = {m: encoders[m][0].num_tokens for m in modalities}
     if fusion_layer < layers and FUSIONS.get(exchange_name).same_size and len(set(counts.values())) != 1:
