@@ -355,3 +355,15 @@ def test_cen_names_the_configs_that_exchange_nothing(model, exchange, problem):
         assert found is None
     else:
         assert found is not None and re.match(problem, found), found
+
+
+def test_channel_exchange_proximal_step_soft_thresholds_only_the_owned_scales():
+    op = create_fusion("channel-exchange", dims={"a": 4, "b": 6}, proximal_l1=2.0)
+    with torch.no_grad():  # a owns channels 0-1 of its 4, b owns channels 3-5 of its 6
+        op.norms["a"].weight.copy_(torch.tensor([-0.5, 0.05, -0.5, 0.01]))
+        op.norms["b"].weight.copy_(torch.tensor([0.5, -0.5, 0.5, -0.5, 0.08, 0.3]))
+    assert op.parts == {"a": (0, 2), "b": (3, 6)}
+    op.proximal_step(0.05)  # amount lr * lambda = 0.1
+    assert op.norms["a"].weight.tolist() == pytest.approx([-0.4, 0.0, -0.5, 0.01])
+    assert op.norms["b"].weight.tolist() == pytest.approx([0.5, -0.5, 0.5, -0.4, 0.0, 0.2])
+    assert op.exchanged()["a"].tolist() == [False, True, False, True]  # the new zero; 0.01 < 2e-2 untouched
