@@ -83,7 +83,7 @@ def test_train_on_one_half_evaluate_and_predict_on_the_other(data_root, tmp_path
             "model": {"name": "conv-streams", "widths": [4, 8], "shared_weights": True, "fuse_at": "all", "neck": "fpn"},
             "fusion": {"name": "concat-diff"},
             "loss": {"terms": [{"name": "dense-ce"}]},
-            "train": {"epochs": 3, "batch_size": 32, "lr": 3.0e-3, "threads": 1},
+            "train": {"epochs": 1, "batch_size": 32, "lr": 3.0e-3},
         },
         "variants": [{"name": "concat-diff"}, {"name": "cva", "model": {"name": "cva"}}],
         "seeds": [0],
@@ -92,8 +92,11 @@ def test_train_on_one_half_evaluate_and_predict_on_the_other(data_root, tmp_path
     (tmp_path / "halves.yaml").write_text(yaml.safe_dump(spec))
     store = tmp_path / "store"
     with pytest.raises(SystemExit) as exc:
-        main(["compare", str(tmp_path / "halves.yaml"), "--store", str(store), "--jobs", "1"])
+        main(["compare", str(tmp_path / "halves.yaml"), "train.epochs=3", "train.threads=1", "--store", str(store), "--jobs", "1"])
     assert exc.value.code in (0, None)
+    for row in Store(store).experiment_runs("halves"):  # the command line's overrides reach every method
+        config = yaml.safe_load((Store(store).run_dir(row["run_id"]) / "config.yaml").read_text())
+        assert config["train"]["epochs"] == 3 and config["train"]["threads"] == 1, row["method"]
 
     with pytest.raises(SystemExit) as exc:
         main(["evaluate", "halves", "--store", str(store), "--name", "bottom", *scene_overrides(halves["bottom"])])
@@ -126,3 +129,33 @@ def test_train_on_one_half_evaluate_and_predict_on_the_other(data_root, tmp_path
         assert transform == src.transform and crs == src.crs
     whole = read_georef(data_root / "landsat-cd" / "taizhou" / "2000TM")
     assert transform.f == pytest.approx(whole.transform[5] - HALF * 30.0) and transform.c == whole.transform[2]
+
+
+def test_compare_overrides_apply_to_every_method_and_keep_run_ids_of_execution_keys(tmp_path, capsys):
+    from fuselab.cli import main
+    from fuselab.experiments.spec import load_spec, run_id
+
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump({
+        "name": "over", "base": {"data": {"name": "mfeat", "views": ["fou", "kar"]}, "model": {"name": "mlp-streams", "hidden": 32},
+                                 "train": {"epochs": 2}},
+        "grid": {"fusion.name": ["concat", "sum"]}, "variants": [{"name": "wide", "model": {"hidden": 64}}],
+        "seeds": [0, 1], "baseline": "concat"}))
+    plain = load_spec(spec_file)
+    over = load_spec(spec_file)
+    over.overrides = ["model.hidden=16", "train.epochs=7"]
+    for before, after in zip(plain.plan(), over.plan()):
+        assert after.config.model.hidden == 16 and after.config.train.epochs == 7  # the command line wins, variants too
+        assert after.config.seed == before.config.seed and after.config.fusion.name == before.config.fusion.name
+        assert after.run_id != before.run_id
+    threads = load_spec(spec_file)
+    threads.overrides = ["train.threads=1"]  # an execution detail: the same runs
+    assert [r.run_id for r in threads.plan()] == [r.run_id for r in plain.plan()]
+    assert all(r.config.train.threads == 1 for r in threads.plan())
+    assert run_id(threads.plan()[0].config) == plain.plan()[0].run_id
+    with pytest.raises(SystemExit) as exc:  # a bad override: one line, nothing stored
+        main(["compare", str(spec_file), "model.depth=3", "--store", str(tmp_path / "store")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.depth" in err
+    assert not (tmp_path / "store" / "fuselab.sqlite").exists()

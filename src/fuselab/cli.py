@@ -240,6 +240,7 @@ def _out_of_memory(exc: BaseException) -> bool:
 @app.command("compare")
 def compare_cmd(
     spec: str = typer.Argument(DEFAULT_SPEC, help="a shipped spec name or a path to a spec YAML"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides for every method, e.g. train.epochs=2 data.images=[a,b]"),
     store: Path = typer.Option(DEFAULT_STORE, "--store", "-s", help="result store folder"),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="parallel runs (default: number of cores)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and an estimate, train nothing"),
@@ -264,6 +265,7 @@ def compare_cmd(
 
         raise ConfigError(f"--jobs must be at least 1, got {jobs} (leave it out to use every core)")
     sp = load_spec(spec, plugins=plugin or [])
+    sp.overrides = list(overrides or [])  # over every method, as `fuselab run` applies them; checked by the plan
     st = Store(store)
     jobs = default_jobs() if jobs is None else jobs
     wanted: list[str] = []

@@ -106,7 +106,8 @@ def train_claimed(store_root: str, run_id: str, claim: str, method: str, seed: i
     beat = _Heartbeat(store, run_id, claim)
     try:
         load_plugins(plugins)  # a worker process starts with the built-ins only
-        cfg = make_config(config, [f"train.threads={threads}"])
+        explicit = (config.get("train") or {}).get("threads")  # a spec's or the command line's train.threads is kept
+        cfg = make_config(config, [] if explicit else [f"train.threads={threads}"])
         staging = store.start_attempt(run_id, claim)
         _drop_unsafe_states(staging)
         earlier_logs = _read_log_rows(staging)

@@ -97,6 +97,7 @@ class Spec:
     trials: int = 20  # trials per method under budget equal-trials
     tuned: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # method -> best overrides
     matched: dict[str, dict[str, Any]] | None = None  # method -> width override, filled on first use
+    overrides: list[str] = dataclasses.field(default_factory=list)  # dotted key=value over every method (command line)
 
     def method_overrides(self, name: str) -> dict[str, Any]:
         """A method's overrides of the base: its own, then its matched width, then its tuned values."""
@@ -117,6 +118,10 @@ class Spec:
         overrides = self.method_overrides(method)
         try:
             cfg = apply_overrides(self.base, overrides, seed=seed)
+            if self.overrides:  # the command line's, over every method's own (as `fuselab run` applies them)
+                from fuselab.train.config import make_config
+
+                cfg = make_config(OmegaConf.to_container(cfg, resolve=True), [*self.overrides, f"seed={int(seed)}"])
         except ConfigError as exc:
             raise ConfigError(f"spec '{self.name}', method '{method}': {exc}") from None
         if cfg.train.devices > 1 or cfg.train.num_nodes > 1:
