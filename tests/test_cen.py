@@ -367,3 +367,59 @@ def test_channel_exchange_proximal_step_soft_thresholds_only_the_owned_scales():
     assert op.norms["a"].weight.tolist() == pytest.approx([-0.4, 0.0, -0.5, 0.01])
     assert op.norms["b"].weight.tolist() == pytest.approx([0.5, -0.5, 0.5, -0.4, 0.0, 0.2])
     assert op.exchanged()["a"].tolist() == [False, True, False, True]  # the new zero; 0.01 < 2e-2 untouched
+
+
+def test_private_convolutions_run_each_modality_through_its_own():
+    torch.manual_seed(0)
+    conv = ParallelConv(["a", "b"], lambda m: nn.Conv2d(3 if m == "a" else 2, 4, 1), shared=False)
+    xs = {"b": torch.randn(2, 2, 5, 5), "a": torch.randn(2, 3, 5, 5)}
+    out = conv(xs)
+    assert list(out) == ["b", "a"]
+    for m in xs:
+        torch.testing.assert_close(out[m], conv.convs[m](xs[m]))
+
+
+@pytest.mark.parametrize(("in_channels", "stride"), [(4, 1), (4, 2), (3, 1)])
+def test_cen_block_adds_its_input_or_its_projection_before_the_last_relu(in_channels, stride):
+    from fuselab.models.cen import CENBlock
+
+    torch.manual_seed(0)
+    block = CENBlock(["a", "b"], in_channels, 4, stride=stride, shared=True, exchanging=True, threshold=0.02)
+    assert (block.project is None) == (in_channels == 4 and stride == 1)
+    xs = {m: torch.randn(2, in_channels, 6, 6) for m in ("a", "b")}
+    h = block.norm2(block.conv2({m: torch.relu(v) for m, v in block.norm1(block.conv1(xs)).items()}))
+    skip = xs if block.project is None else block.project_norm(block.project(xs))
+    out = block(xs)
+    for m in xs:
+        torch.testing.assert_close(out[m], torch.relu(h[m] + skip[m]))
+    deep = cen(dims={"t1": 3, "t2": 3}, num_classes=2, widths=[4, 8], blocks=2)
+    assert [b.project is None for b in deep.exchange.stages[1]] == [False, True]  # stride 2, then identity
+    assert deep({m: torch.randn(2, 3, 8, 8) for m in ("t1", "t2")}).logits.shape == (2, 2)
+
+
+def test_dense_heads_return_logits_at_the_requested_size():
+    from fuselab.models.cen import DenseModalityHead
+
+    head = DenseModalityHead([4, 8], 4, 3, dropout=0.0).eval()
+    maps = [torch.randn(2, 4, 8, 8), torch.randn(2, 8, 4, 4)]
+    assert head(maps).shape == (2, 3, 8, 8)  # the finest stage's size without a request
+    assert head(maps, size=(12, 10)).shape == (2, 3, 12, 10)
+    ens = CENEnsemble({"a": head}, dense=True, detach=True)
+    assert ens.modality_logits({"a": maps}, size=(12, 10))["a"].shape == (2, 3, 12, 10)
+
+
+def test_cen_ensemble_of_present_modalities_without_detaching_and_in_low_precision():
+    torch.manual_seed(0)
+    ens = CENEnsemble({m: nn.Linear(4, 3) for m in ("a", "b", "c")}, dense=False, detach=False)
+    with torch.no_grad():
+        ens.alpha.copy_(torch.tensor([0.3, -1.0, 2.0]))
+    xs = {m: torch.randn(5, 4) for m in ("a", "c")}  # b is missing
+    logits = ens.modality_logits(xs)
+    assert list(logits) == ["a", "c"]
+    e = torch.tensor([0.3, 2.0]).exp()
+    mixed = ens.combine(logits)
+    torch.testing.assert_close(mixed, (e[0] * logits["a"] + e[1] * logits["c"]) / e.sum())
+    mixed.sum().backward()
+    assert ens.heads["a"].weight.grad.abs().sum() > 0 and ens.heads["b"].weight.grad is None  # not detached
+    low = {m: v.detach().to(torch.bfloat16) for m, v in logits.items()}
+    assert ens.combine(low).dtype == torch.bfloat16  # the weights follow the logits' precision
