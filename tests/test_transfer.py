@@ -159,3 +159,10 @@ def test_compare_overrides_apply_to_every_method_and_keep_run_ids_of_execution_k
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "model.depth" in err
     assert not (tmp_path / "store" / "fuselab.sqlite").exists()
+
+
+def test_shipped_change_detection_spec_keeps_its_checkpoints():
+    from fuselab.experiments.spec import load_spec
+
+    plan = load_spec("landsat-cd-compare").plan()
+    assert all(r.config.train.checkpoint for r in plan)  # its runs can be evaluated and predicted with later
