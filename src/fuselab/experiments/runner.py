@@ -2,9 +2,10 @@
 
 Each run is claimed in the store before it trains, so concurrent sweeps on one store and re-runs after an
 interruption never train a run twice; a background thread keeps the claim's heartbeat fresh however long an
-epoch takes, and a run whose claim was taken over stops and publishes nothing. With ``jobs > 1`` every run
-trains in a process of its own: a worker that dies (kill -9, the OOM killer) is that run's failure, retried
-once from its last saved state, and the other runs go on. Workers exit when the sweep's process dies.
+epoch takes, and a run whose claim was taken over stops and publishes nothing. With ``jobs > 1`` runs train
+in ``jobs`` worker processes that live across runs, one run at a time each: a worker that dies (kill -9, the
+OOM killer) is the failure of the run it was training, retried once from its last saved state in a new
+worker, and the other runs go on. Workers exit when the sweep's process dies.
 Ctrl-C (or SIGTERM) stops the workers and marks their runs ``interrupted``; the next sweep resumes them.
 A failing run is recorded with its error and the sweep goes on.
 """
@@ -265,15 +266,60 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _worker_main(parent: int, claim: str, args: tuple[Any, ...], conn: Any) -> None:
-    """A worker process: one run, its outcome sent back through ``conn``."""
+def _worker_loop(parent: int, threads: int, conn: Any) -> None:
+    """A worker process that lives across runs: imports, the thread setup and the dataset cache are paid
+    once. It trains one claimed run at a time, as it receives them through ``conn``, and sends each
+    outcome back; ``None`` (or the sweep's end of the pipe closing) ends it."""
     _exit_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the sweep, which stops us
-    store_root, run_id, method, seed, config, threads, plugins = args
     _init_worker(threads)
-    outcome = train_claimed(store_root, run_id, claim, method, seed, config, threads, plugins)
-    conn.send(dataclasses.asdict(outcome))
-    conn.close()
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        claim, (store_root, run_id, method, seed, config, threads, plugins) = task
+        outcome = train_claimed(store_root, run_id, claim, method, seed, config, threads, plugins)
+        conn.send(dataclasses.asdict(outcome))
+
+
+class _Worker:
+    """The sweep's handle on one worker process: its pipe and the run it is training (``task``)."""
+
+    def __init__(self, context: Any, threads: int) -> None:
+        self.conn, child = context.Pipe(duplex=True)
+        self.process = context.Process(target=_worker_loop, args=(os.getpid(), threads, child), daemon=False)
+        self.process.start()
+        child.close()
+        self.task: tuple[tuple[Any, ...], str] | None = None  # (run args, claim)
+        self.runs = 0
+
+    def assign(self, args: tuple[Any, ...], claim: str) -> None:
+        self.task = (args, claim)
+        self.runs += 1
+        self.conn.send((claim, args))
+
+    def outcome(self) -> Outcome | None:
+        """The outcome of the current run if the worker sent one (it may have died instead)."""
+        try:
+            if self.conn.poll():
+                return Outcome(**self.conn.recv())
+        except (EOFError, OSError):
+            pass
+        return None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        try:
+            self.conn.send(None)
+        except (OSError, ValueError):
+            pass
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.conn.close()
 
 
 def _death(exitcode: int | None) -> str:
@@ -286,40 +332,48 @@ def _death(exitcode: int | None) -> str:
 
 def _run_processes(args: list[tuple[Any, ...]], store: Store, jobs: int,
                    report: Callable[[Outcome], None], retries: int = DEATH_RETRIES) -> None:
-    """Train each run in a process of its own, ``jobs`` at a time (a dead worker costs only its run)."""
+    """Train the runs in ``jobs`` worker processes that live across runs (a worker's start-up is paid once
+    per sweep, not per run). A run is claimed here and handed to an idle worker; a worker that dies costs
+    only the run it was training, which is retried (from the state it saved) in a new worker."""
     context = multiprocessing.get_context("spawn")  # no forked torch thread pools
+    threads = int(args[0][5]) if args else 1
     queue = list(args)
     deaths: dict[str, int] = {}
-    running: dict[Any, tuple[Any, Any, tuple[Any, ...], str]] = {}  # sentinel -> process, pipe, args, claim
+    idle: list[_Worker] = []
+    busy: list[_Worker] = []
     try:
-        while queue or running:
-            while queue and len(running) < jobs:
+        while queue or busy:
+            while queue and len(busy) < jobs:
                 a = queue.pop(0)
                 claim = store.claim(a[1])
                 if claim is None:
                     report(Outcome(a[1], a[2], a[3], "cached" if store.status(a[1]) == "done" else "skipped"))
                     continue
-                receive, send = context.Pipe(duplex=False)
-                process = context.Process(target=_worker_main, args=(os.getpid(), claim, a, send), daemon=False)
-                process.start()
-                send.close()
-                running[process.sentinel] = (process, receive, a, claim)
-            if not running:
-                continue
-            for sentinel in multiprocessing.connection.wait(list(running)):
-                process, receive, a, claim = running.pop(sentinel)
-                outcome = None
+                worker = idle.pop() if idle else _Worker(context, threads)
                 try:
-                    if receive.poll():
-                        outcome = Outcome(**receive.recv())
-                except (EOFError, OSError):
-                    outcome = None
-                receive.close()
-                process.join()
+                    worker.assign(a, claim)
+                except (OSError, ValueError):  # it died while idle: a new one takes the run
+                    worker.stop(0.1)
+                    worker = _Worker(context, threads)
+                    worker.assign(a, claim)
+                busy.append(worker)
+            if not busy:
+                continue
+            ready = set(multiprocessing.connection.wait([w.conn for w in busy] + [w.process.sentinel for w in busy]))
+            for worker in [w for w in busy if w.conn in ready or w.process.sentinel in ready]:
+                busy.remove(worker)
+                (a, claim), worker.task = worker.task, None
+                outcome = worker.outcome()
                 if outcome is not None:
                     report(outcome)
+                    if worker.process.is_alive():
+                        idle.append(worker)
+                    else:
+                        worker.stop(0.1)
                     continue
-                error = _death(process.exitcode)
+                worker.process.join()
+                error = _death(worker.process.exitcode)
+                worker.stop(0.1)
                 store.fail(a[1], error, claim)
                 deaths[a[1]] = deaths.get(a[1], 0) + 1
                 if deaths[a[1]] <= retries:
@@ -327,18 +381,22 @@ def _run_processes(args: list[tuple[Any, ...]], store: Store, jobs: int,
                 else:
                     report(Outcome(a[1], a[2], a[3], "failed", error=error))
     except BaseException:  # Ctrl-C, SIGTERM: stop the workers, mark their runs interrupted
-        for process, _, _, _ in running.values():
-            process.terminate()
+        for worker in busy + idle:
+            worker.process.terminate()
         deadline = time.monotonic() + 5.0
-        for process, _, _, _ in running.values():
-            process.join(max(0.1, deadline - time.monotonic()))
-            if process.is_alive():
-                process.kill()
-                process.join()
-        for _, receive, a, claim in running.values():
-            receive.close()
-            store.fail(a[1], "interrupted", claim, status="interrupted")
+        for worker in busy + idle:
+            worker.process.join(max(0.1, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
+        for worker in busy:
+            worker.conn.close()
+            if worker.task is not None:
+                a, claim = worker.task
+                store.fail(a[1], "interrupted", claim, status="interrupted")
         raise
+    for worker in idle:
+        worker.stop()
 
 
 def execute_plan(
