@@ -311,19 +311,16 @@ def describe(cfg: Any, *, dims: Mapping[str, Any] | None = None, num_classes: in
     from omegaconf import DictConfig, OmegaConf
 
     from fuselab.registry import MODELS
-    from fuselab.train.config import ConfigError, make_config
-    from fuselab.train.run import build_data, build_model
+    from fuselab.train.config import make_config
+    from fuselab.train.session import build_checked_model, cached_data
 
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     name = str(plain["model"].get("name"))
     if name not in MODELS:
         return sketch(plain, dims=dims, num_classes=num_classes)
     full = cfg if isinstance(cfg, DictConfig) else make_config(plain)
-    data: Any = _Shapes(dims, num_classes) if dims is not None and num_classes is not None else build_data(full)
-    try:
-        model = build_model(full, data)
-    except ValueError as exc:  # an option the builder rejects: one line, as a run would report it
-        raise ConfigError(str(exc).splitlines()[0]) from None
+    data: Any = _Shapes(dims, num_classes) if dims is not None and num_classes is not None else cached_data(full)
+    model = build_checked_model(full, data)  # an option the builder rejects is one line, as a run reports it
     return describe_model(model, dims=data.dims, num_classes=int(data.num_classes), name=name)
 
 
