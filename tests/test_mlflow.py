@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -159,3 +160,53 @@ def test_missing_mlflow_names_the_extra(monkeypatch, capsys):
         make_config(None, ["train.logger=[csv,mlflow]"])
     code, err = _cli(capsys, "run", "train.logger=mlflow", "train.epochs=1")
     assert code == 2 and "pip install 'fuselab[mlflow]'" in err  # the brackets survive the terminal's markup
+
+
+def test_a_resumed_run_logs_every_epoch(mlflow, tmp_path):
+    cfg = make_config(None, [*SMALL, "train.epochs=5", "train.checkpoint_every=0", "train.logger=mlflow"])
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_epoch_3(epoch, row):
+        if epoch == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        execute(cfg, tmp_path, on_epoch=kill_at_epoch_3, resumable=True)
+    execute(cfg, tmp_path, resumable=True)  # epochs 0-2 come from the saved state, not from the loop
+    client = _client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    finished = client.search_runs([client.get_experiment_by_name("fuselab").experiment_id],
+                                  filter_string="attributes.status = 'FINISHED'")
+    assert len(finished) == 1
+    history = pd.read_csv(tmp_path / "history.csv")
+    logged = sorted(client.get_metric_history(finished[0].info.run_id, "val_loss"), key=lambda m: m.step)
+    assert [m.step for m in logged] == [0, 1, 2, 3, 4]
+    assert [m.value for m in logged] == pytest.approx(list(history["val_loss"]), rel=1e-12, abs=0)
+
+
+def test_the_runs_of_a_comparison_share_the_store_s_mlflow_db(mlflow, tmp_path):
+    from conftest import tiny_spec
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec(threads=1, logger="mlflow")))
+    store = tmp_path / "store"
+    cmd = [sys.executable, "-m", "fuselab.cli", "compare", str(spec), "--store", str(store), "--jobs", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # two runs at once open one new store
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    client = _client(f"sqlite:///{store / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("fuselab").experiment_id])
+    folders = sorted(p.name for p in (store / "runs").iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert len(folders) == 2 and sorted(r.info.run_name for r in runs) == folders  # run ids, not staging names
+    for run in runs:
+        folder = store / "runs" / run.info.run_name
+        assert run.info.status == "FINISHED" and run.data.tags["fuselab.run_dir"] == str(folder.resolve())
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert run.data.metrics["final/test_accuracy"] == pytest.approx(metrics["test_accuracy"], rel=1e-12)
+        assert run.data.params["fusion.name"] in ("concat", "sum") and not (folder / "mlflow.db").exists()
+        copy = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path)))
+        assert copy.read_text() == (folder / "config.yaml").read_text()
+    # the logger is an execution detail: without it the same spec finds its runs finished
+    spec.write_text(yaml.safe_dump(tiny_spec(threads=1)))
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "0 trained, 2 already in the store" in again.stdout, again.stderr[-2000:]

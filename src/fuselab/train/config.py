@@ -53,7 +53,7 @@ class TrainConfig:
     eval_batch_size: int = 1024  # samples per forward pass in validation and test
     tensorboard: bool = False  # also write TensorBoard event files (CSV logs are always written)
     logger: Any = "csv"  # experiment trackers: csv (always written), mlflow, tensorboard, or a list such as [csv, mlflow]
-    mlflow_uri: Optional[str] = None  # MLflow tracking URI (sqlite:///..., http://host:5000); None = mlflow.db in the run folder
+    mlflow_uri: Optional[str] = None  # MLflow tracking URI (sqlite:///..., http://host:5000); None = mlflow.db in the run folder, or in the result store for its runs
     checkpoint: bool = True  # save the best-on-validation weights in the run folder
     checkpoint_every: float = 30.0  # seconds between resumable training states in a run under a store
     modality_dropout: Any = 0.0  # per training sample, the probability of dropping each modality (its stream is zeroed at the encoder's output, so a dropped encoder gets no gradient): one number for every modality or {modality: probability}; 0 = off

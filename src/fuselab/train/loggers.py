@@ -16,18 +16,21 @@ curves that share their names (``val_accuracy``).
 from __future__ import annotations
 
 import atexit
+import contextlib
+import csv
 import importlib.util
 import json
+import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from lightning_fabric.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning_fabric.utilities.rank_zero import rank_zero_only
 
-from fuselab.train.config import ConfigError
+from fuselab.errors import ConfigError
 
 LOGGERS = ("csv", "tensorboard", "mlflow")
 MLFLOW_INSTALL = "pip install 'fuselab[mlflow]'"
@@ -37,6 +40,8 @@ _BAD_KEY_CHARS = re.compile(r"[^\w\-. /:]")  # MLflow keys: alphanumerics, _ - .
 _MAX_PARAMS_PER_BATCH = 100  # MLflow's limit on parameters in one log_batch request
 _MAX_METRICS_PER_BATCH = 1000
 _MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter value
+STORE_DB = "fuselab.sqlite"  # the database of a result store (fuselab.experiments.store.DB_NAME)
+_PARTIAL = re.compile(r"^\.partial-([0-9a-f]+)(?:-.+)?$")  # a store run's folder while it trains
 
 
 def logger_names(value: Any) -> list[str]:
@@ -98,9 +103,10 @@ def flatten_config(config: Any) -> dict[str, str]:
     return out
 
 
-def default_mlflow_uri(run_dir: Path) -> str:
-    """The tracking store of a run when ``train.mlflow_uri`` is not given: ``mlflow.db`` in the run folder."""
-    return f"sqlite:///{(Path(run_dir) / 'mlflow.db').resolve()}"
+def default_mlflow_uri(folder: Path) -> str:
+    """The tracking store when ``train.mlflow_uri`` is not given: ``mlflow.db`` in ``folder`` (the run folder,
+    or the result store's folder for a run of a store; see ``tracking_home``)."""
+    return f"sqlite:///{(Path(folder) / 'mlflow.db').resolve()}"
 
 
 class MLflowLogger(Logger):
@@ -129,6 +135,7 @@ class MLflowLogger(Logger):
         self._client: Any = None
         self._run_id: str | None = None
         self._ended = False
+        self._steps: set[int] = set()  # steps of the per-epoch metrics logged so far
 
     # the MLflow run is created on first use, so that a logger built on a rank that never logs costs nothing
     @property
@@ -137,7 +144,8 @@ class MLflowLogger(Logger):
             from mlflow.tracking import MlflowClient
 
             try:
-                self._client = MlflowClient(tracking_uri=self._tracking_uri)
+                with _sqlite_lock(self._tracking_uri):  # the first client of a new database creates its tables
+                    self._client = MlflowClient(tracking_uri=self._tracking_uri)
             except Exception as exc:  # noqa: BLE001 - an unknown scheme or a store that cannot be opened
                 raise self._store_error(exc) from None
         return self._client
@@ -145,14 +153,16 @@ class MLflowLogger(Logger):
     @property
     def run_id(self) -> str:
         if self._run_id is None:
+            client = self.client
             try:
-                experiment = self.client.get_experiment_by_name(self._experiment_name)
-                if experiment is not None:
-                    experiment_id = experiment.experiment_id
-                else:
-                    experiment_id = self.client.create_experiment(self._experiment_name,
-                                                                  artifact_location=self._artifact_location)
-                run = self.client.create_run(experiment_id, run_name=self._run_name, tags=self._tags)
+                with _sqlite_lock(self._tracking_uri):  # two new runs must not both create the experiment
+                    experiment = client.get_experiment_by_name(self._experiment_name)
+                    if experiment is not None:
+                        experiment_id = experiment.experiment_id
+                    else:
+                        experiment_id = client.create_experiment(self._experiment_name,
+                                                                 artifact_location=self._artifact_location)
+                run = client.create_run(experiment_id, run_name=self._run_name, tags=self._tags)
             except ConfigError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any store failure is a wrong URI or an unreachable store
@@ -189,8 +199,19 @@ class MLflowLogger(Logger):
 
         stamp = int(time.time() * 1000)
         items = [Metric(_key(k), float(v), stamp, int(step or 0)) for k, v in metrics.items() if _is_number(v)]
+        if not all(k.startswith(_FINAL_PREFIX) for k in metrics):
+            self._steps.add(int(step or 0))
         for i in range(0, len(items), _MAX_METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=items[i:i + _MAX_METRICS_PER_BATCH], synchronous=True)
+
+    @rank_zero_only
+    def log_history(self, rows: list[dict[str, float]]) -> None:
+        """The epochs of a run's history this logger has not seen: those trained before a resume, which the
+        loop restored from the saved state instead of logging again."""
+        for row in rows:
+            epoch = int(row["epoch"])
+            if epoch not in self._steps:
+                self.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
 
     @rank_zero_only
     def log_final(self, metrics: Mapping[str, Any], artifacts: tuple[Path, ...] = ()) -> None:
@@ -216,10 +237,37 @@ class MLflowLogger(Logger):
 
     def _end_unfinished(self) -> None:
         if self._run_id is not None and not self._ended:
+            quiet = logging.getLogger("mlflow")
+            level = quiet.level
+            quiet.setLevel(logging.CRITICAL)  # MLflow logs a store error with its traceback
             try:
                 self.client.set_terminated(self._run_id, "FAILED")
             except Exception:  # noqa: BLE001 - the interpreter is exiting; a store that went away is not an error
                 pass
+            finally:
+                quiet.setLevel(level)
+
+
+@contextlib.contextmanager
+def _sqlite_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``<database>.lock`` while a SQLite tracking store is opened: parallel runs
+    (``fuselab compare --jobs N``) that open a new database together would otherwise each run MLflow's
+    table migrations on it and fail. Other stores, and systems without ``fcntl``, are not locked."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        fcntl = None  # type: ignore[assignment]
+    if fcntl is None or not uri.startswith("sqlite:///") or uri == "sqlite:///:memory:":
+        yield
+        return
+    lock = Path(uri.removeprefix("sqlite:///")).resolve().with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _key(name: str) -> str:
@@ -235,9 +283,9 @@ def _is_number(value: Any) -> bool:
 def build_loggers(run_dir: Path, train_cfg: Any, *, config: Any = None) -> list[Logger]:
     """The loggers of a run writing into ``run_dir``: CSV logs in ``logs/`` always; TensorBoard event files in
     ``tensorboard/`` with ``train.tensorboard`` (or ``tensorboard`` in ``train.logger``); an MLflow run with
-    ``mlflow`` in ``train.logger``, in ``train.mlflow_uri`` or else in ``run_dir/mlflow.db`` (artifacts in
-    ``run_dir/mlartifacts``), named after the run folder, with ``config`` (the run config) as its
-    parameters."""
+    ``mlflow`` in ``train.logger``, in ``train.mlflow_uri`` or else in ``mlflow.db`` of the run folder or of its
+    result store (artifacts in ``mlartifacts`` beside it; see ``tracking_home``), with ``config`` (the run
+    config) as its parameters."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     names = logger_names(getattr(train_cfg, "logger", None))
@@ -246,16 +294,31 @@ def build_loggers(run_dir: Path, train_cfg: Any, *, config: Any = None) -> list[
         loggers.append(TensorBoardLogger(str(run_dir), name="tensorboard", version=""))
     if "mlflow" in names:
         uri = getattr(train_cfg, "mlflow_uri", None)
+        home, name, final_dir = tracking_home(run_dir)
         logger = MLflowLogger(
-            tracking_uri=uri or default_mlflow_uri(run_dir),
-            run_name=run_dir.name,
-            artifact_location=_artifact_location(uri, run_dir),
-            tags={"fuselab.run_dir": str(run_dir.resolve())},
+            tracking_uri=uri or default_mlflow_uri(home),
+            run_name=name,
+            artifact_location=_artifact_location(uri, home),
+            tags={"fuselab.run_dir": str(final_dir.resolve())},
         )
         if config is not None:
             logger.log_hyperparams(flatten_config(config))
         loggers.append(logger)
     return loggers
+
+
+def tracking_home(run_dir: Path) -> tuple[Path, str, Path]:
+    """Where a run's default MLflow store lives, the run's name there and the run's final folder. A run of a
+    result store (``<store>/runs/<id>``, trained in ``<store>/runs/.partial-<id>-<claim>`` and renamed when
+    done) logs to the store's ``mlflow.db`` under its run id, so that one MLflow store holds a whole
+    comparison; any other run logs to ``mlflow.db`` in its own folder, under the folder's name."""
+    run_dir = Path(run_dir)
+    runs = run_dir.parent
+    if runs.name == "runs" and (runs.parent / STORE_DB).is_file():
+        partial = _PARTIAL.match(run_dir.name)
+        name = partial.group(1) if partial else run_dir.name
+        return runs.parent, name, runs / name
+    return run_dir, run_dir.name, run_dir
 
 
 def _artifact_location(uri: str | None, run_dir: Path) -> str | None:
@@ -271,6 +334,13 @@ def _artifact_location(uri: str | None, run_dir: Path) -> str | None:
 def log_run_end(loggers: list[Any], metrics: Mapping[str, Any], run_dir: Path) -> None:
     """After a run wrote its folder: the final metrics and the config file to the loggers that keep them."""
     config = Path(run_dir) / "config.yaml"
+    history = Path(run_dir) / "history.csv"
+    rows: list[dict[str, float]] = []
+    if history.is_file():
+        with open(history, newline="") as handle:
+            rows = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
     for logger in loggers:
         if isinstance(logger, MLflowLogger):
+            if rows and "fold" not in rows[0]:  # the folds of a cross-validation repeat their epochs
+                logger.log_history(rows)
             logger.log_final(metrics, artifacts=(config,) if config.is_file() else ())
