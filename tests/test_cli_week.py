@@ -328,3 +328,82 @@ def test_run_refuses_to_replace_its_folder_unless_forced(tmp_path, data_root):
     assert "test accuracy" in third and (run_dir / "metrics.json").is_file()
     for text in (first, third, err):
         assert "Previous log files" not in text and "Warning" not in text
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. one option style; plain untruncated output; figure from a spec; the store named when unwritable
+# ----------------------------------------------------------------------------------------------
+
+
+def test_profile_takes_methods_like_compare_and_writes_to_the_experiments_store(week, tmp_path):
+    folder, spec_file, store, _ = week
+    common = ("--store", str(store), "--device", "cpu", "--threads", "1", "--repeat", "3", "--warmup", "1")
+    code, out, err = fuselab("profile", str(spec_file), "--methods", "concat,sum", *common, out=tmp_path / "p1",
+                             cwd=tmp_path)
+    assert code == 0, err
+    done = [x for x in out.splitlines() if x.startswith("[")]
+    assert [x.split("  ")[1].split(":")[0] for x in done] == ["concat", "sum"] and done[0].startswith("[1/2] ")
+    frame = pd.read_csv(store / "tiny-week" / "profile" / "profile.csv")
+    assert {"concat", "sum"} <= set(frame["method"])
+    assert not (tmp_path / "runs").exists()  # nothing written to the default store
+    code, out, err = fuselab("profile", str(spec_file), "--method", "max", *common, out=tmp_path / "p2")
+    assert code == 0 and [x for x in out.splitlines() if x.startswith("[1/1] ")][0].split("  ")[1].startswith("max:"), err
+    code, out, err = fuselab("profile", str(spec_file), "--methods", "concat,smu", *common, out=tmp_path / "p3")
+    assert code == 2 and err.strip().splitlines() == [
+        "error: --methods: 'smu' is not a method of tiny-week; did you mean 'sum'? methods are concat, sum, max"]
+
+
+def test_tune_takes_methods_and_names_the_closest_for_a_typo(tmp_path):
+    spec = {**SPEC, "search": {"train.lr": {"loguniform": [1.0e-3, 1.0e-2]}}}
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    code, out, err = fuselab("tune", str(path), "--store", str(tmp_path / "s"), "--methods", "sum,mac", out=tmp_path / "t")
+    assert code == 2 and err.strip().splitlines() == [
+        "error: --methods: 'mac' is not a method of tiny-week; did you mean 'max'? methods are concat, sum, max"]
+
+
+def test_list_prints_whole_ids_one_a_line_when_not_on_a_terminal(week, tmp_path):
+    _, _, store, _ = week
+    code, out, _ = fuselab("list", "--pattern", "channel-exchange*", out=tmp_path / "list")
+    lines = out.splitlines()
+    assert code == 0 and lines[0] == "id\tcontract\tforms\tpaper"
+    assert {line.split("\t")[0] for line in lines[1:]} == {"channel-exchange", "channel-exchange-p"}
+    assert "…" not in out and all(len(line.split("\t")) == 4 for line in lines)
+    code, out, _ = fuselab("runs", "list", "--store", str(store), out=tmp_path / "runs")
+    from fuselab.experiments.store import Store
+
+    ids = {r["run_id"] for r in Store(store).experiment_runs("tiny-week")}
+    rows = [line.split("\t") for line in out.splitlines()[1:]]
+    assert code == 0 and {r[0] for r in rows} == ids and "…" not in out
+    assert all(r[1] == "done" and re.fullmatch(r"\d+\.\d\d", r[4]) for r in rows)
+
+
+def test_figure_draws_a_method_of_a_spec(week, tmp_path):
+    _, spec_file, _, _ = week
+    code, out, err = fuselab("figure", str(spec_file), "--method", "max", "--out", str(tmp_path / "net"),
+                             out=tmp_path / "fig")
+    assert code == 0, err
+    assert out.splitlines()[0] == "tiny-week: max"
+    svg = (tmp_path / "net.svg").read_text()
+    assert "max" in svg and "fou" in svg and "kar" in svg and (tmp_path / "net.pdf").is_file()
+    code, out, err = fuselab("figure", str(spec_file), "--method", "maks", out=tmp_path / "fig2")
+    assert code == 2 and "did you mean 'max'?" in err and len(err.strip().splitlines()) == 1
+    code, out, err = fuselab("figure", "fusion.name=sum", "--method", "max", out=tmp_path / "fig3")
+    assert code == 2 and err.strip().startswith("error: --method 'max' needs a spec")
+
+
+@pytest.mark.parametrize("command", ["compare", "profile"])
+def test_an_unwritable_store_is_named_in_one_line(week, tmp_path, command):
+    _, spec_file, _, _ = week
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    extra = ("--repeat", "2", "--warmup", "0") if command == "profile" else ()
+    code, out, err = fuselab(command, str(spec_file), "--store", str(blocker / "store"), *extra, out=tmp_path / command)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [f"error: store path '{blocker / 'store'}' is not a folder ('{blocker}' is a "
+                                        "file); pick another --store"]
+    if command == "profile":  # a folder that cannot be created: named as the store, before any timing
+        code, out, err = fuselab(command, str(spec_file), "--store", "/proc/fuselab-store", *extra, out=tmp_path / "proc")
+        assert code == 2 and out == ""
+        assert err.strip().splitlines() == ["error: store '/proc/fuselab-store' cannot be written (No such file or "
+                                            "directory: '/proc/fuselab-store'); pick another --store"]

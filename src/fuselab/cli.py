@@ -29,6 +29,34 @@ DEFAULT_SPEC = "mfeat-compare"
 OWN_FUSION_MODELS = ("cen", "cva")  # models whose fusion is built in; their fusion section is not used
 
 
+METHODS_HELP = "only these methods (comma-separated)"
+METHOD_ALIAS = typer.Option(None, "--method", hidden=True, help="one method (repeatable); same as --methods")
+
+
+def _method_names(methods: Optional[str], method: Optional[list[str]], spec) -> list[str]:
+    """The methods named by ``--methods a,b`` and the older ``--method a --method b``, checked against the
+    spec (one line with the closest name for a typo); empty when neither option is given."""
+    names = [m.strip() for m in (methods or "").split(",") if m.strip()] + list(method or [])
+    names = list(dict.fromkeys(names))
+    known = [m.name for m in spec.methods]
+    for name in names:
+        if name not in known:
+            raise _unknown_method("--methods", name, spec.name, known)
+    if methods is not None and not names:
+        raise _unknown_method("--methods", methods, spec.name, known)
+    return names
+
+
+def _plain_output() -> bool:
+    """Output goes to a file or a pipe: print plain lines, never truncated to a width."""
+    return not console.is_terminal
+
+
+def _print_row(*cells: str) -> None:
+    """One tab-separated line as it is (rich would expand the tabs)."""
+    console.file.write("\t".join(cells) + "\n")
+
+
 @app.command("list")
 def list_cmd(
     what: str = typer.Argument("fusions", help="fusions | models | datasets | losses | specs"),
@@ -55,7 +83,14 @@ def list_cmd(
     ids = registries[what].list(pattern)
     if what != "fusions":
         for i in ids:
-            console.print(i)
+            console.print(i, markup=False, highlight=False)
+        return
+    if _plain_output():  # one fusion a line, tab-separated, nothing cut: ids to copy and grep
+        _print_row("id", "contract", "forms", "paper")
+        for i in ids:
+            info = fusion_info(i)
+            contract = info.contract if info.kind in ("merge",) else f"{info.contract} ({info.kind})"
+            _print_row(i, contract, ", ".join(info.forms), info.paper)
         return
     table = Table(title=f"{len(ids)} fusion operators", show_lines=False)
     for col in ("id", "contract", "forms", "paper"):
@@ -268,13 +303,7 @@ def compare_cmd(
     sp.overrides = list(overrides or [])  # over every method, as `fuselab run` applies them; checked by the plan
     st = Store(store)
     jobs = default_jobs() if jobs is None else jobs
-    wanted: list[str] = []
-    if methods is not None:  # checked before the store is touched: a typo leaves nothing behind
-        wanted = [m.strip() for m in methods.split(",") if m.strip()]
-        known = [m.name for m in sp.methods]
-        unknown = [m for m in wanted if m not in known]
-        if unknown or not wanted:
-            raise _unknown_method("--methods", unknown[0] if unknown else methods, sp.name, known)
+    wanted = _method_names(methods, None, sp)  # checked before the store is touched: a typo leaves nothing behind
     if dry_run:
         _print_plan(sp, st, jobs, wanted)
         return
@@ -449,7 +478,8 @@ def tune_cmd(
     trials: Optional[int] = typer.Option(None, "--trials", "-n", help="finished trials per method (default: the spec's trials)"),
     storage: Optional[str] = typer.Option(None, "--storage", help="Optuna RDB URL (default: SQLite under the store)"),
     store: Path = typer.Option(DEFAULT_STORE, "--store", "-s", help="result store folder"),
-    method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="tune only this method (repeatable)"),
+    methods: Optional[str] = typer.Option(None, "--methods", "-m", help=f"tune {METHODS_HELP}"),
+    method: Optional[list[str]] = METHOD_ALIAS,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="tuned spec to write (default: <store>/<spec>/tune/<spec>-tuned.yaml)"),
     plugin: Optional[list[str]] = PLUGIN_OPTION,
 ) -> None:
@@ -462,6 +492,7 @@ def tune_cmd(
         from fuselab.train.config import ConfigError
 
         raise ConfigError(f"spec '{sp.name}' has no search block; add e.g. search: {{train.lr: {{loguniform: [1.0e-4, 1.0e-2]}}}}")
+    method = _method_names(methods, method, sp)
     url = storage or default_storage(store, sp.name)
     n = trials or sp.trials
     console.print(f"[bold]{sp.name}[/]: tuning {len(method or sp.methods)} methods, {n} trials each on validation "
@@ -501,14 +532,22 @@ def profile_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's)"),
     repeat: int = typer.Option(50, "--repeat", help="timed forward passes per batch size"),
     warmup: int = typer.Option(10, "--warmup", help="untimed forward passes first"),
-    method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="profile only this method (repeatable)"),
+    methods: Optional[str] = typer.Option(None, "--methods", "-m", help=f"profile {METHODS_HELP}"),
+    method: Optional[list[str]] = METHOD_ALIAS,
     plugin: Optional[list[str]] = PLUGIN_OPTION,
 ) -> None:
     """Parameters, FLOPs per sample, latency (batch 1 and 64) and peak memory of each method of a spec."""
     from fuselab.experiments.profile import profile_spec, write_profile
     from fuselab.experiments.spec import load_spec
 
+    from fuselab.experiments.store import Store
+
     sp = load_spec(spec, plugins=plugin or [])
+    method = _method_names(methods, method, sp)
+    Store(store).check_writable()  # before minutes of timing, not after
+    from fuselab.experiments.profile import profile_dir
+
+    profile_dir(store, sp.name).mkdir(parents=True, exist_ok=True)  # an unwritable store fails here, named
     if repeat < 1 or warmup < 0:
         from fuselab.train.config import ConfigError
 
@@ -627,21 +666,57 @@ def predict_cmd(
         console.print(line, markup=False, highlight=False)
 
 
+SPEC_KEYS = ("base", "grid", "variants", "baseline", "seeds")  # top-level keys that make a YAML a spec
+
+
+def _is_spec(arg: str) -> bool:
+    """Does ``arg`` name a spec (a shipped name, or a YAML file with spec keys) rather than a run config?"""
+    from fuselab.experiments.spec import shipped_specs
+    from fuselab.train.config import read_yaml
+
+    path = Path(arg)
+    if not path.exists():
+        return arg in shipped_specs()
+    content = read_yaml(path)
+    return isinstance(content, dict) and any(k in content for k in SPEC_KEYS)
+
+
 @app.command("figure")
 def figure_cmd(
-    config: Optional[Path] = typer.Argument(None, help="a YAML run config (defaults apply without one)"),
+    config: Optional[Path] = typer.Argument(None, help="a YAML run config, or a spec (name or YAML) with --method"),
     overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides, e.g. model.fuse_at=0 fusion.name=lmf"),
     out: Path = typer.Option(Path("network"), "--out", "-o", help="output path without suffix; .svg and .pdf are written"),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="with a spec: the method to draw (default: its baseline)"),
+    plugin: Optional[list[str]] = PLUGIN_OPTION,
 ) -> None:
-    """Draw the model a run config describes as a block diagram (SVG and PDF)."""
-    from fuselab.report.figure import draw_config
-    from fuselab.train.config import make_config, read_yaml
+    """Draw the model a run config (or a spec's method) describes as a block diagram (SVG and PDF)."""
+    from omegaconf import OmegaConf
 
+    from fuselab.plugins import load_plugins
+    from fuselab.report.figure import draw_config
+    from fuselab.train.config import ConfigError, make_config, read_yaml
+
+    load_plugins(plugin or [])
     items = list(overrides or [])
     if config is not None and "=" in str(config) and not config.exists():
         items.insert(0, str(config))
         config = None
-    cfg = make_config(read_yaml(config) if config else None, items)
+    if config is not None and _is_spec(str(config)):
+        from fuselab.experiments.spec import load_spec
+
+        sp = load_spec(str(config), plugins=plugin or [])
+        name = method or sp.baseline
+        known = [m.name for m in sp.methods]
+        if name not in known:
+            raise _unknown_method("--method", name, sp.name, known)
+        base = OmegaConf.to_container(sp.config(name, sp.seeds[0]), resolve=True)
+        cfg = make_config(base, items)
+        console.print(f"{sp.name}: {name}", markup=False, highlight=False)
+    elif method is not None:
+        raise ConfigError(f"--method '{method}' needs a spec (a shipped name or a spec YAML), not a run config; "
+                          "give the spec as the first argument")
+    else:
+        cfg = make_config(read_yaml(config) if config else None, items)
     stem = out.with_suffix("") if out.suffix in (".svg", ".pdf") else out
     paths = draw_config(cfg, stem)
     console.print(f"figure: {', '.join(str(p) for p in paths)}")
@@ -700,6 +775,14 @@ def runs_list(
 ) -> None:
     """List runs with their status, experiments and test accuracy."""
     _, runs = _select(store, experiment, status, prefix)
+    if _plain_output():  # whole ids, one run a line, tab-separated
+        _print_row("id", "status", "attempts", "experiment: method / seed", "test acc", "error")
+        for r in runs:
+            members = ", ".join(f"{e}: {m} / {s}" for e, m, s in r["members"])
+            acc = f"{r['metrics']['test_accuracy'] * 100:.2f}" if r["metrics"] and "test_accuracy" in r["metrics"] else ""
+            error = (r["error"] or "").splitlines()[0] if r["error"] else ""
+            _print_row(r["run_id"], r["status"], str(r["attempts"]), members, acc, error)
+        return
     table = Table(title=f"{len(runs)} runs in {store}")
     for col in ("id", "status", "attempts", "experiment: method / seed", "test acc", "error"):
         table.add_column(col)
@@ -751,6 +834,24 @@ def runs_retry(
     _change_runs("retry", store, experiment, status, prefix, yes)
 
 
+def _store_argument(argv: list[str]) -> str | None:
+    """The value of ``--store`` / ``-s`` in a command line, if given."""
+    for i, arg in enumerate(argv):
+        if arg in ("--store", "-s") and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--store="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _inside(path: str | Path, folder: str | Path) -> bool:
+    """Is ``path`` the folder or below it (compared as absolute paths)?"""
+    import os
+
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors are one line on stderr and exit code 2, never a traceback."""
     from fuselab.train.config import ConfigError
@@ -764,10 +865,18 @@ def main(argv: list[str] | None = None) -> None:
         errors.print("interrupted: runs in progress are marked interrupted; run the same command again to resume them",
                      markup=False, highlight=False)
         sys.exit(130)
-    except (ConfigError, ValueError, FileNotFoundError, KeyError, PermissionError) as exc:
+    except (ConfigError, ValueError, KeyError, OSError) as exc:
         message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-        if isinstance(exc, PermissionError) and exc.filename:
+        store = _store_argument(sys.argv[1:] if argv is None else argv)
+        if isinstance(exc, OSError) and exc.filename and store is not None and _inside(exc.filename, store):
+            message = (f"store '{store}' cannot be written ({exc.strerror or type(exc).__name__}: '{exc.filename}'); "
+                       "pick another --store")
+        elif isinstance(exc, PermissionError) and exc.filename:
             message = f"permission denied: '{exc.filename}'; pick a folder you can write (e.g. --store or --out)"
+        elif isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and exc.filename:
+            message = f"cannot write '{exc.filename}' ({exc.strerror or type(exc).__name__}); pick another folder"
+        elif isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+            raise
         from rich.markup import escape  # a message's own brackets (pip install 'fuselab[mlflow]') are text
 
         errors.print(f"[bold red]error:[/] {escape(message.splitlines()[0]) if message else type(exc).__name__}",
