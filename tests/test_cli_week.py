@@ -407,3 +407,49 @@ def test_an_unwritable_store_is_named_in_one_line(week, tmp_path, command):
         assert code == 2 and out == ""
         assert err.strip().splitlines() == ["error: store '/proc/fuselab-store' cannot be written (No such file or "
                                             "directory: '/proc/fuselab-store'); pick another --store"]
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. plots localised with the report
+# ----------------------------------------------------------------------------------------------
+
+
+def test_chinese_report_plots_follow_the_font_that_is_installed(week, monkeypatch):
+    """``fuselab report --lang zh``: with a Chinese font the axis labels are Chinese; without one they stay
+    English, the report says so, and nothing is warned about."""
+    import warnings
+
+    from typer.testing import CliRunner
+
+    import fuselab.report.plots as plots
+    import fuselab.report.style as style
+    from fuselab.cli import app
+
+    _, _, store, _ = week
+    labels: dict[str, list[str]] = {}
+    real = plots.save_figure
+
+    def save(fig, stem, formats=("png",)):
+        labels[Path(stem).name] = [ax.get_ylabel() for ax in fig.axes]
+        return real(fig, stem, formats)
+
+    monkeypatch.setattr(plots, "save_figure", save)
+    args = ["report", "tiny-week", "--store", str(store), "--lang", "zh", "--no-flops"]
+    report = store / "tiny-week" / "report" / "report.zh.md"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monkeypatch.setattr(style, "cjk_font", lambda: None)
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert labels["training_curves"] == ["Training loss", "Validation accuracy (%)"]
+    assert "*图中文字为英文：本机未安装含中文字形的字体" in report.read_text(encoding="utf-8")
+    assert 'id="plots-english"' in (store / "tiny-week" / "report" / "report.zh.html").read_text(encoding="utf-8")
+    assert [str(w.message) for w in caught if "font" in str(w.message).lower() or "glyph" in str(w.message).lower()] == []
+
+    monkeypatch.setattr(style, "cjk_font", lambda: "DejaVu Sans")  # as if a Chinese font were installed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DejaVu has no Chinese glyphs: matplotlib says so, which is beside the point
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert labels["training_curves"] == ["训练损失", "验证准确率 (%)"]
+    assert "图中文字为英文" not in report.read_text(encoding="utf-8")

@@ -265,6 +265,10 @@ def build_report(store: str | Path, experiment: str, *, lang: str = "en", plots:
         sections += [f"- {f['method']} (seed {f['seed']}): {f['error']}" for f in failed_runs] + [""]
     if written_plots:
         sections += [f"## {text('plots', lang)}", ""]
+        from fuselab.report.style import plot_lang
+
+        if plot_lang(lang) != lang:  # no font for the report's language: the images keep English text
+            sections += [f"*{text('plots_english', lang)}*", ""]
         for name, plot in written_plots.items():
             sections += [f"![{name}](plots/{name}.png)", "", f"*{plot['caption']}*", ""]
     from fuselab.report.robustness import report_section

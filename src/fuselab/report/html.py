@@ -158,6 +158,10 @@ def render_html(*, title: str, lang: str, table_html: str, plots: Mapping[str, M
         parts.append("</ul>")
     if plots:
         parts.append(f"<h2>{_esc(text('plots', lang))}</h2>")
+        from fuselab.report.style import plot_lang
+
+        if plot_lang(lang) != lang:  # no font for the report's language: the images keep English text
+            parts.append(f'<p id="plots-english">{_esc(text("plots_english", lang))}</p>')
         for name, plot in plots.items():
             png = next((p for p in plot["files"] if str(p).endswith(".png")), None)
             if png is not None:
@@ -167,7 +171,8 @@ def render_html(*, title: str, lang: str, table_html: str, plots: Mapping[str, M
         parts.append(f"<h2>{_esc(text('robustness', lang))}</h2>")
         parts.append(table)
         if curves is not None:
-            parts.append(f'<figure id="plot-robustness-modalities">{_img(Path(curves), "robustness per modality")}</figure>')
+            parts.append(f'<figure id="plot-robustness-modalities">{_img(Path(curves), "robustness per modality")}'
+                         f'<figcaption>{_esc(text("cap_robustness_modalities", lang))}</figcaption></figure>')
     if figure is not None:
         parts.append(f"<h2>{_esc(text('network', lang))}</h2>")
         parts.append(f'<figure id="network">{_inline_svg(figure)}<figcaption>{_esc(figure_caption)}</figcaption></figure>')

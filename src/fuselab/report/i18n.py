@@ -78,8 +78,21 @@ _TEXT: dict[str, dict[str, str]] = {
         "zh": "测试准确率与单样本 FLOPs 的关系；误差线为各种子的标准差；星号为基线。",
     },
     "cap_curves": {
-        "en": "Training curves: training loss and validation accuracy per epoch, mean over seeds (band: ± std).",
-        "zh": "训练曲线：每轮的训练损失与验证准确率，各种子的均值（阴影：± 标准差）。",
+        "en": "Training curves: training loss and validation accuracy per epoch, mean over seeds (band: ± std over seeds).",
+        "zh": "训练曲线：每轮的训练损失与验证准确率，各种子的均值（阴影：各种子的 ± 标准差）。",
+    },
+    "cap_curves_multiples": {
+        "en": "Validation accuracy per epoch, one panel per method: mean over seeds (band: ± std over seeds); "
+              "grey dashed: the baseline {baseline}, repeated in every panel.",
+        "zh": "每轮的验证准确率，每个方法一幅小图：各种子的均值（阴影：各种子的 ± 标准差）；灰色虚线：基线 {baseline}，每幅小图中重复绘出。",
+    },
+    "cap_curves_no_loss": {
+        "en": "Training loss not shown: the methods train with different loss terms, so their totals are not on one scale.",
+        "zh": "未绘出训练损失：各方法的损失项不同，其总和不可直接比较。",
+    },
+    "plots_english": {
+        "en": "Text in the plots is in English: no font with Chinese glyphs is installed.",
+        "zh": "图中文字为英文：本机未安装含中文字形的字体（如 Noto Sans CJK，可安装 fonts-noto-cjk）。",
     },
     "cap_robustness": {
         "en": "Robustness: test accuracy under increasing corruption, mean over seeds; error bars: ± std over "

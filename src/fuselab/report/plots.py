@@ -56,6 +56,8 @@ __all__ = [
     "plot_ablation_heatmaps",
     "plot_accuracy_vs_cost",
     "plot_robustness",
+    "curves_layout",
+    "losses_comparable",
     "plot_training_curves",
     "save_figure",
     "write_plots",
@@ -247,38 +249,128 @@ def _histories(frame: pd.DataFrame) -> dict[str, list[pd.DataFrame]]:
     return out
 
 
-def plot_training_curves(frame: pd.DataFrame, stem: str | Path, *, order: Sequence[str] | None = None,
-                         lang: str = "en", formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
-    """Training loss and validation accuracy per epoch, mean over seeds with a +- std band, per method."""
+SMALL_MULTIPLES_FROM = 5  # methods from which training curves get one panel each: five bands in one axes merge
+
+
+def _loss_config(path: str | Path) -> str | None:
+    """The loss section of a run's stored config, as text to compare (None when unreadable)."""
+    import yaml
+
+    try:
+        config = yaml.safe_load((Path(path) / "config.yaml").read_text())
+        return json.dumps((config or {}).get("loss"), sort_keys=True, default=str)
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+
+
+def losses_comparable(frame: pd.DataFrame) -> bool:
+    """Do all runs train with the same loss terms and weights? Only then are their training losses on one scale
+    (a total with an auxiliary term is larger than the same model's cross-entropy alone)."""
+    configs = {_loss_config(p) for p in frame["path"]}
+    return len(configs) == 1 and None not in configs
+
+
+def curves_layout(frame: pd.DataFrame, order: Sequence[str] | None = None) -> dict[str, Any]:
+    """How :func:`plot_training_curves` draws ``frame``'s histories: the methods with one, whether each gets
+    its own panel (``small_multiples``), and whether the training loss is shown (``loss``)."""
     histories = _histories(frame)
     methods = [m for m in (order or histories) if m in histories]
+    has_loss = any("train_loss" in h for hs in histories.values() for h in hs)
+    return {"methods": methods, "small_multiples": len(methods) >= SMALL_MULTIPLES_FROM,
+            "loss": has_loss and losses_comparable(frame[frame["method"].isin(methods)])}
+
+
+def _curve_stats(runs: list[pd.DataFrame], column: str, scale: float) -> pd.DataFrame:
+    frame = pd.concat(runs)
+    return frame.groupby("epoch")[column].agg(["mean", "std"]).fillna(0.0) * scale
+
+
+def plot_training_curves(frame: pd.DataFrame, stem: str | Path, *, order: Sequence[str] | None = None,
+                         lang: str = "en", formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+    """Training curves per method: mean over seeds with a light +- std band, methods in legend order.
+
+    Up to four methods share two panels (training loss, validation accuracy); from
+    :data:`SMALL_MULTIPLES_FROM` methods on, validation accuracy gets one small panel per method on shared
+    axes, the baseline (the first method of ``order``) drawn grey and dashed in every panel for reference,
+    as in Tufte's small multiples. The training loss is left out when the runs' loss configurations differ:
+    totals of different loss terms are not on one scale (:func:`losses_comparable`).
+    """
+    histories = _histories(frame)
+    layout = curves_layout(frame, order)
+    methods = layout["methods"]
     with paper_style(lang):
-        fig, axes = plt.subplots(1, 2, figsize=(TEXT_WIDTH, 2.4))
+        if layout["small_multiples"]:
+            return _small_multiples(histories, methods, stem, lang=lang, formats=formats)
+        panels = [("train_loss", 1.0)] if layout["loss"] else []
+        panels.append(("val_accuracy", 100.0))
+        width = TEXT_WIDTH if len(panels) == 2 else COLUMN_WIDTH
+        fig, axes = plt.subplots(1, len(panels), figsize=(width, 2.4), squeeze=False)
+        axes = axes[0]
         for i, method in enumerate(methods):
-            runs = pd.concat(histories[method])
-            style = _style_for(i)
-            for ax, column, scale in ((axes[0], "train_loss", 1.0), (axes[1], "val_accuracy", 100.0)):
-                if column not in runs:
+            style = style_for(i)
+            for ax, (column, scale) in zip(axes, panels):
+                if not all(column in h for h in histories[method]):
                     continue
-                stats = runs.groupby("epoch")[column].agg(["mean", "std"]).fillna(0.0) * scale
+                stats = _curve_stats(histories[method], column, scale)
                 x = stats.index.to_numpy() + 1
                 ax.plot(x, stats["mean"], color=style["color"], linestyle="-" if i < len(PALETTE) else "--",
                         label=method if ax is axes[0] else None)
                 ax.fill_between(x, stats["mean"] - stats["std"], stats["mean"] + stats["std"], color=style["color"],
-                                alpha=0.12, linewidth=0)
-        axes[0].set_ylabel(_axis("train_loss", lang))
-        axes[1].set_ylabel(_axis("val_accuracy", lang))
-        if "val_accuracy" in (pd.concat([h for hs in histories.values() for h in hs]) if histories else pd.DataFrame()):
-            lows = [np.nanpercentile(pd.concat(histories[m])["val_accuracy"] * 100, 10) for m in methods]
-            highs = [np.nanmax(pd.concat(histories[m])["val_accuracy"] * 100) for m in methods]
-            if lows:  # the early epochs of a slow starter must not squash the curves where they differ
-                axes[1].set_ylim(max(0.0, min(lows) - 2), min(100.0, max(highs) + 0.5))
-        for ax in axes:
-            ax.set_xlabel(_axis("epoch", lang))
+                                alpha=BAND_ALPHA, linewidth=0)
+        for ax, (column, _) in zip(axes, panels):
+            ax.set_ylabel(axis_label(column, lang))
+            ax.set_xlabel(axis_label("epoch", lang))
+        limits = _accuracy_limits(histories, methods)
+        if limits:  # the early epochs of a slow starter must not squash the curves where they differ
+            axes[-1].set_ylim(*limits)
         if methods:
             fig.legend(loc="lower center", ncol=min(len(methods), 7), bbox_to_anchor=(0.5, -0.02))
             fig.tight_layout(rect=(0, 0.06 * math.ceil(len(methods) / 7) + 0.02, 1, 1))
         return save_figure(fig, stem, formats)
+
+
+def _accuracy_limits(histories: Mapping[str, list[pd.DataFrame]], methods: Sequence[str]) -> tuple[float, float] | None:
+    values = [pd.concat(histories[m])["val_accuracy"] * 100 for m in methods
+              if all("val_accuracy" in h for h in histories[m])]
+    if not values:
+        return None
+    low = min(np.nanpercentile(v, 10) for v in values)
+    high = max(np.nanmax(v) for v in values)
+    return max(0.0, low - 2), min(100.0, high + 0.5)
+
+
+def _small_multiples(histories: Mapping[str, list[pd.DataFrame]], methods: Sequence[str], stem: str | Path, *,
+                     lang: str, formats: Sequence[str]) -> list[Path]:
+    """Validation accuracy, one panel per method (its colour, +- std band), the baseline grey in each."""
+    columns = min(4, len(methods))
+    rows = math.ceil(len(methods) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(TEXT_WIDTH, 1.35 * rows + 0.5), sharex=True, sharey=True,
+                             squeeze=False)
+    baseline = methods[0]
+    base = _curve_stats(histories[baseline], "val_accuracy", 100.0)
+    for i, method in enumerate(methods):
+        ax = axes[i // columns][i % columns]
+        stats = _curve_stats(histories[method], "val_accuracy", 100.0)
+        x = stats.index.to_numpy() + 1
+        if method != baseline:
+            ax.plot(base.index.to_numpy() + 1, base["mean"], color="0.55", linestyle="--", linewidth=0.9)
+        color = style_for(i)["color"]
+        ax.plot(x, stats["mean"], color=color)
+        ax.fill_between(x, stats["mean"] - stats["std"], stats["mean"] + stats["std"], color=color, alpha=BAND_ALPHA * 2,
+                        linewidth=0)
+        ax.set_title(method, color=color)
+        if i % columns == 0:
+            ax.set_ylabel(axis_label("val_accuracy", lang))
+        if i // columns == rows - 1 or i + columns >= len(methods):
+            ax.set_xlabel(axis_label("epoch", lang))
+            ax.xaxis.set_tick_params(labelbottom=True)
+    for j in range(len(methods), rows * columns):  # empty cells of the last row
+        axes[j // columns][j % columns].set_visible(False)
+    limits = _accuracy_limits(histories, methods)
+    if limits:
+        axes[0][0].set_ylim(*limits)
+    fig.tight_layout()
+    return save_figure(fig, stem, formats)
 
 
 def robustness_frame(frame: pd.DataFrame) -> pd.DataFrame:
@@ -457,8 +549,13 @@ def write_plots(frame: pd.DataFrame, summary: pd.DataFrame, spec: Mapping[str, A
                 "files": plot_accuracy_vs_cost(summary, costs, out / "accuracy_vs_flops", kind="flops", lang=img_lang, formats=formats),
                 "caption": text("cap_flops", lang)}
     if any((Path(p) / "history.csv").is_file() for p in frame["path"]):
+        layout = curves_layout(frame, order)
+        caption = text("cap_curves_multiples" if layout["small_multiples"] else "cap_curves", lang,
+                       baseline=order[0] if order else "")
+        if not layout["loss"] and not layout["small_multiples"]:
+            caption += " " + text("cap_curves_no_loss", lang)
         plots["training_curves"] = {"files": plot_training_curves(frame, out / "training_curves", order=order, lang=img_lang, formats=formats),
-                                    "caption": text("cap_curves", lang)}
+                                    "caption": caption}
     robust = robustness_frame(frame)
     if not robust.empty:
         plots["robustness"] = {"files": plot_robustness(robust, out / "robustness", order=order, lang=img_lang, formats=formats),
