@@ -331,10 +331,12 @@ def _death(exitcode: int | None) -> str:
 
 
 def _run_processes(args: list[tuple[Any, ...]], store: Store, jobs: int,
-                   report: Callable[[Outcome], None], retries: int = DEATH_RETRIES) -> None:
+                   report: Callable[[Outcome], None], retries: int = DEATH_RETRIES,
+                   runs_per_worker: int | None = None) -> None:
     """Train the runs in ``jobs`` worker processes that live across runs (a worker's start-up is paid once
-    per sweep, not per run). A run is claimed here and handed to an idle worker; a worker that dies costs
-    only the run it was training, which is retried (from the state it saved) in a new worker."""
+    per sweep, not per run; ``runs_per_worker`` retires a worker after that many runs, 1 = a fresh process
+    per run). A run is claimed here and handed to an idle worker; a worker that dies costs only the run it
+    was training, which is retried (from the state it saved) in a new worker."""
     context = multiprocessing.get_context("spawn")  # no forked torch thread pools
     threads = int(args[0][5]) if args else 1
     queue = list(args)
@@ -366,7 +368,7 @@ def _run_processes(args: list[tuple[Any, ...]], store: Store, jobs: int,
                 outcome = worker.outcome()
                 if outcome is not None:
                     report(outcome)
-                    if worker.process.is_alive():
+                    if worker.process.is_alive() and (runs_per_worker is None or worker.runs < runs_per_worker):
                         idle.append(worker)
                     else:
                         worker.stop(0.1)
@@ -411,13 +413,15 @@ def execute_plan(
     backend: str = "local",
     address: str | None = None,
     gpus_per_run: float = 0.0,
+    runs_per_worker: int | None = None,
 ) -> list[Outcome]:
     """Train every run of ``plan`` that is not done; ``jobs`` processes, torch threads split between them.
 
     A run that another live process is training (a concurrent sweep, or one that took it over) is waited
     for and then reported from the store, or trained here if its owner dies (``wait=False`` reports it as
     ``skipped`` instead). A done run whose folder is gone (``missing``) is reported as such and not trained
-    (``fuselab runs retry --status missing`` sends it back).
+    (``fuselab runs retry --status missing`` sends it back). ``runs_per_worker`` retires a worker process
+    after that many runs (default: workers live for the whole sweep; 1 gives every run a fresh process).
     """
     outcomes: list[Outcome] = []
     held: list[Outcome] = []
@@ -457,7 +461,7 @@ def execute_plan(
         for a in args.values():
             report(train_one(*a))
     else:
-        _run_processes(list(args.values()), store, jobs, report)
+        _run_processes(list(args.values()), store, jobs, report, runs_per_worker=runs_per_worker)
     while held:
         time.sleep(poll_seconds)
         waiting, held[:] = list(held), []
