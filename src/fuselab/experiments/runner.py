@@ -212,10 +212,10 @@ def _keep_earlier_logs(folder: Path, earlier: list[dict[str, Any]]) -> None:
 
 def _record_attempt(folder: Path, claim: str, started: float, epochs: list[int]) -> None:
     """Append this attempt to ``attempts.json``: which epochs it trained (a resumed attempt starts after
-    the epochs its saved state covered)."""
+    the epochs its saved state covered) and in which process (``pid``)."""
     file = folder / "attempts.json"
     attempts = json.loads(file.read_text()) if file.is_file() else []
-    attempts.append({"owner": claim, "started": started, "finished": time.time(),
+    attempts.append({"owner": claim, "pid": os.getpid(), "started": started, "finished": time.time(),
                      "first_epoch": epochs[0] if epochs else None, "epochs_trained": len(epochs)})
     file.write_text(json.dumps(attempts, indent=2))
 

@@ -1,0 +1,38 @@
+"""Sweep workers live across runs and change nothing a run computes."""
+
+from __future__ import annotations
+
+import json
+
+from fuselab.experiments.runner import execute_plan, prepare
+from fuselab.experiments.spec import parse_spec
+from fuselab.experiments.store import Store
+
+RAW = {
+    "name": "workers",
+    "base": {"data": {"name": "mfeat", "views": ["fou", "kar"]}, "model": {"name": "mlp-streams", "hidden": 16},
+             "train": {"epochs": 2, "batch_size": 128}},
+    "grid": {"fusion.name": ["concat", "sum", "max"]},
+    "seeds": [0],
+}
+
+
+def _sweep(root, runs_per_worker):
+    store = Store(root)
+    plan = prepare(parse_spec(RAW), store)
+    outcomes = execute_plan(plan, store, jobs=2, runs_per_worker=runs_per_worker)
+    assert [o.status for o in outcomes] == ["done"] * 3
+    pids = {o.run_id: json.loads((store.run_dir(o.run_id) / "attempts.json").read_text())[0]["pid"] for o in outcomes}
+    metrics = {o.run_id: json.loads((store.run_dir(o.run_id) / "metrics.json").read_text()) for o in outcomes}
+    return pids, metrics
+
+
+def test_two_workers_train_three_runs_with_the_results_of_fresh_processes(tmp_path):
+    pids, metrics = _sweep(tmp_path / "reused", None)
+    assert len(set(pids.values())) == 2  # three runs, two worker processes: one trained two runs
+    fresh_pids, fresh = _sweep(tmp_path / "fresh", 1)
+    assert len(set(fresh_pids.values())) == 3  # a process per run
+    assert set(metrics) == set(fresh)
+    for run_id in metrics:  # a reused worker computes exactly what a fresh process computes
+        for key in ("test_accuracy", "test_macro_f1", "val_accuracy", "best_epoch", "params", "flops"):
+            assert metrics[run_id][key] == fresh[run_id][key], (run_id, key)
