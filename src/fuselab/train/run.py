@@ -129,10 +129,10 @@ def execute(
     environment.json, the best checkpoint and the CSV (and optionally TensorBoard) logs there.
     ``resumable`` keeps a resumable training state in ``run_dir`` (removed when the run completes)."""
     tcfg = OmegaConf.to_object(cfg.train)
-    start = time.perf_counter()
     from fuselab.train.loggers import build_loggers, log_run_end
 
     loggers = build_loggers(run_dir, tcfg, config=cfg) if run_dir is not None else []
+    start = time.perf_counter()  # after the loggers: opening a new MLflow store takes seconds that are not the run's
     session = prepare_run(cfg, loggers=loggers, launch=True)
     fabric, data = session.fabric, session.data
     parts = session.parts  # cross-validation: one model per fold, test predictions pooled
