@@ -80,6 +80,13 @@ def test_a_standalone_exchange_after_each_stage_and_merges_at_every_scale():
                                    "fusion": {"name": "sum"}}), dims={"x": 3, "y": 3}, num_classes=2)
     assert single.merge_at == [0] and [b.title for b in single.trunk] == ["Conv 2", "Conv 3"]
     assert [b.detail for b in single.trunk] == ["4→8", "8→8"] and single.merge.title == "sum"
+    necked = describe(make_config({"model": {"name": "conv-streams", "widths": [4, 8, 8], "fuse_at": 0, "neck": "aspp"},
+                                   "fusion": {"name": "sum"}}), dims={"x": 3, "y": 3}, num_classes=2)
+    assert [b.title for b in necked.trunk] == ["Conv 2", "Conv 3", "ASPP"] and necked.neck is None  # after the trunk
+    early = describe(make_config({"model": {"name": "conv-streams", "widths": [4, 8], "fuse_at": "early", "neck": "ppm"},
+                                  "fusion": {"name": "concat"}}), dims={"x": 3, "y": 2}, num_classes=2)
+    assert early.merge_at == [-1] and all(s == [] for _, s in early.lanes.values())
+    assert [b.title for b in early.trunk] == ["Conv 1", "Conv 2", "PPM"] and early.trunk[0].detail == "5→4"
 
 
 class WholeNet(nn.Module):

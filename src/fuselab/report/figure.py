@@ -224,6 +224,9 @@ def _merge_of(merge: nn.Module, operators: Mapping[type, str]) -> Block:
     return Block(title, detail)
 
 
+NECKS = {"TopDownNeck": "FPN", "ConcatNeck": "Concat"}  # neck classes by the name a paper gives them
+
+
 def _trunk_blocks(walk: _Walk, trunk: nn.Module) -> list[Block]:
     if isinstance(trunk, nn.Identity):
         return []
@@ -231,10 +234,21 @@ def _trunk_blocks(walk: _Walk, trunk: nn.Module) -> list[Block]:
     for unit in list(trunk) if isinstance(trunk, nn.Sequential) else [trunk]:
         stages = list(unit) if isinstance(unit, nn.Sequential) else []
         units += stages if stages and all(isinstance(s, nn.Sequential) for s in stages) else [unit]  # a run of stages
-    return [walk.blocks([unit])[0] for unit in units]
+    return [_neck_block(unit) if _is_neck(unit) else walk.blocks([unit])[0] for unit in units]
 
 
-NECKS = {"TopDownNeck": "FPN", "ConcatNeck": "Concat"}  # neck classes by the name a paper gives them
+def _is_neck(module: nn.Module) -> bool:
+    return type(module).__module__ == "fuselab.models.necks"
+
+
+def _neck_block(module: nn.Module, scales: int = 1) -> Block:
+    """A neck's box: its name (FPN, ASPP, PPM, Concat) and, over several fused maps, how many."""
+    name = type(module).__name__
+    title = NECKS.get(name, name)
+    context = type(getattr(module, "context", None)).__name__
+    if name == "TopDownNeck" and context in ("ASPP", "PPM"):  # the top level's context module names the neck
+        title = context if scales == 1 else f"FPN+{context}"
+    return Block(title, f"{scales} scales" if scales > 1 else "")
 
 
 def describe_model(model: nn.Module, *, dims: Mapping[str, Any], num_classes: int, name: str = "") -> Diagram:
@@ -266,7 +280,6 @@ def describe_model(model: nn.Module, *, dims: Mapping[str, Any], num_classes: in
                 merge_at.append(walk.column)
         merge = next(iter(merge.merges.values()))
     walk.finish()
-    multi = len(merge_at) > 1
     merge_block = _merge_of(merge, walk.operators)
     late = bool(getattr(merge, "produces_logits", False))
     neck = model.neck
@@ -274,8 +287,7 @@ def describe_model(model: nn.Module, *, dims: Mapping[str, Any], num_classes: in
     return Diagram(
         lanes={m: (inputs[m], walk.lanes[m]) for m in sorted(walk.lanes)}, merge_at=merge_at, merge=merge_block,
         exchanges=walk.exchanges, trunk=_trunk_blocks(walk, model.trunk),
-        neck=Block(NECKS.get(type(neck).__name__, type(neck).__name__), f"{len(merge_at)} scales" if multi else "")
-        if neck is not None else None,
+        neck=_neck_block(neck, len(merge_at)) if neck is not None else None,
         lane_heads=Block("Head", f"→{num_classes}") if late else None,
         head=Block("Head", f"→{num_classes}") if model.head is not None else None,
         output=f"{num_classes} classes",
