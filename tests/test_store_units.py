@@ -530,8 +530,8 @@ def test_run_staging_and_report_folders(store):
 
 def test_partial_dirs_are_this_runs_folders_oldest_first(store):
     assert store.partial_dirs("r1") == []  # no runs/ folder yet
-    newer = _partial(store, "r1", "bbb", {}, 2000.0)
-    older = _partial(store, "r1", "aaa", {}, 1000.0)
+    newer = _partial(store, "r1", "aaa", {}, 2000.0)  # names in the other order than times
+    older = _partial(store, "r1", "bbb", {}, 1000.0)
     _partial(store, "r2", "ccc", {}, 500.0)
     (store.root / "runs" / ".partial-r1-file").write_text("not a folder")
     assert store.partial_dirs("r1") == [older, newer]
@@ -573,3 +573,43 @@ def test_publish_replaces_an_older_copy(store):
     assert sorted(p.name for p in store.run_dir("r1").iterdir()) == ["metrics.json"] and not staging.exists()
     staging = _partial(store, "r2", "aaa", {"metrics.json": "{}"}, 1000.0)
     assert store.publish("r2", staging) == store.run_dir("r2") and store.run_dir("r2").is_dir()
+
+
+def test_a_partial_folder_removed_meanwhile_by_another_process_is_not_an_error(store, monkeypatch):
+    gone = store.root / "runs" / ".partial-r1-gone"  # listed, then removed by the new owner of the claim
+    real = Store.partial_dirs
+    monkeypatch.setattr(Store, "partial_dirs", lambda self, run_id: [gone, *real(self, run_id)])
+    own = store.start_attempt("r1", "host:1:abc")
+    assert own.is_dir() and not gone.exists()
+    store.reset_runs(["r1"])
+    assert store.status("r1") == "pending" and not own.exists()
+    store.delete_runs(["r1"])
+    assert store.status("r1") is None
+
+
+def test_suggestions_list_up_to_three_names_at_least_half_alike(tmp_path):
+    store = Store(tmp_path / "s")
+    store.register_experiment("alpine", {}, "concat", "accuracy", [])
+    with pytest.raises(ConfigError, match=r"did you mean 'alpine'\?$"):  # a ratio of 6/11 = 0.55
+        store.experiment("alpha")
+    for name in ("exp-a1", "exp-a2", "exp-a3", "exp-a4"):
+        store.register_experiment(name, {}, "concat", "accuracy", [])
+    with pytest.raises(ConfigError, match=r"did you mean 'exp-a4' or 'exp-a3' or 'exp-a2'\?$"):
+        store.experiment("exp-a")  # four as alike: three of them, as difflib orders equal ratios
+
+
+def test_alive_only_asks_whether_the_process_exists(monkeypatch):
+    sent = []
+    monkeypatch.setattr(module.os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    assert module._alive(owner_id("t"))
+    assert sent == [(os.getpid(), 0)]  # signal 0: a check, nothing is delivered
+
+
+def test_select_runs_by_status_goes_on_after_a_missing_run(store):
+    for rid, created in (("r1", 1.0), ("r2", 2.0), ("r3", 3.0)):
+        _set(store, rid, created=created)
+        claim = store.claim(rid)
+        store.finish(rid, {"test_accuracy": 0.5}, claim)
+    _complete_folder(store, "r3")  # r1 and r2 are missing their folders
+    assert [r["run_id"] for r in store.select_runs(status="done")] == ["r3"]
+    assert [r["run_id"] for r in store.select_runs(status="missing")] == ["r1", "r2"]
