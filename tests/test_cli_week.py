@@ -198,8 +198,8 @@ PER_RUN = re.compile(r"^  (\w+): (\d+\.\d) s per run; (.*)$")
 def test_dry_run_plans_only_the_methods_asked_for_and_times_their_models(week):
     folder, spec_file, store, _ = week
     empty = folder / "dry-store"
-    code, out, err = fuselab("compare", str(spec_file), "--store", str(empty), "--dry-run", "--methods", "concat,max",
-                             out=folder / "dry")
+    code, out, err = fuselab("compare", str(spec_file), "--store", str(empty), "--dry-run", "--jobs", "2",
+                             "--methods", "concat,max", out=folder / "dry")
     assert code == 0, err
     assert not empty.exists()  # a dry run creates no store
     assert "4 of 4 runs to train" in out and "│ sum" not in out and "│ max" in out
@@ -207,6 +207,10 @@ def test_dry_run_plans_only_the_methods_asked_for_and_times_their_models(week):
     assert set(per_run) == {"concat", "max"}
     assert all(m.group(3).startswith("timed 5 training steps here") for m in per_run.values())
     assert "estimated from: concat, max: timed here, per model" in out
+    start = float(re.search(r"starting the workers: (\d+\.\d) s, measured by starting one Python process", out).group(1))
+    total = float(re.search(r"estimate (\d+\.\d) s", out).group(1))
+    # the wall time: the workers' start, then 4 runs over 2 jobs
+    assert total == pytest.approx(start + sum(float(m.group(2)) for m in per_run.values()), abs=0.2)
     seconds_per_step = {m: float(re.search(r"\((\d+\.\d) ms per step", x.group(3)).group(1)) for m, x in per_run.items()}
     # 3 epochs of ceil(1200 training samples / 128) = 10 steps: the per-run figure holds at least those steps
     for method, m in per_run.items():
@@ -223,7 +227,7 @@ def test_estimate_is_measured_per_model(data_root):
     spec["baseline"] = {"model.hidden": 16}
     spec["seeds"] = [0]
     plan = parse_spec(spec).plan()
-    estimate = estimate_sweep(plan, jobs=1, cores=1, steps=3)
+    estimate = estimate_sweep(plan, jobs=1, cores=1, steps=3, startup=False)
     small, large = (estimate.per_method[r.method][0] for r in plan)
     assert large > 2 * small, estimate.per_method
     assert estimate.seconds == pytest.approx(small + large)

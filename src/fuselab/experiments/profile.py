@@ -469,21 +469,34 @@ def run_seconds(cfg: Any, data: Any, timing: Mapping[str, float]) -> float:
     return compute + timing.get("build", 0.0) + timing.get("data", 0.0)
 
 
+def worker_start_seconds() -> float:
+    """Seconds a new Python process takes to import the training code, as each of a sweep's worker processes
+    does once (spawned, so nothing is inherited): measured by starting one."""
+    import subprocess
+    import sys
+
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import fuselab.train.run"], capture_output=True, check=False)
+    return time.perf_counter() - start
+
+
 @dataclasses.dataclass
 class SweepEstimate:
     seconds: float  # wall time of the runs to train over the jobs
     per_method: dict[str, tuple[float, str]]  # method -> (seconds of one run, how it was estimated)
     how: list[str]  # one line per way of estimating, naming its methods
+    startup: float = 0.0  # seconds before a worker trains its first run (included in ``seconds``)
 
 
 def estimate_sweep(runs: Sequence[Any], *, store_runs: Sequence[Mapping[str, Any]] = (), jobs: int = 1,
-                   cores: int = 1, steps: int = 5) -> SweepEstimate:
+                   cores: int = 1, steps: int = 5, startup: bool = True) -> SweepEstimate:
     """How long training ``runs`` (planned runs with ``method`` and resolved ``config``) will take.
 
     Per method: the median ``seconds`` of its finished runs in ``store_runs`` (rows of
     ``Store.experiment_runs``) where there are any, else the model timed here (:func:`time_training_step`,
     with the torch threads each of ``jobs`` parallel runs gets out of ``cores``) times its steps and
-    evaluation passes (:func:`run_seconds`). The wall time spreads the runs over ``jobs``.
+    evaluation passes (:func:`run_seconds`). The wall time spreads the runs over ``jobs`` and, with
+    ``startup``, adds the measured start of the worker processes (:func:`worker_start_seconds`).
     """
     from fuselab.train.run import build_data
 
@@ -512,18 +525,21 @@ def estimate_sweep(runs: Sequence[Any], *, store_runs: Sequence[Mapping[str, Any
                                   f"timed {steps} training steps here ({timing['step'] * 1000:.1f} ms per step, "
                                   f"{threads} thread{'s' if threads > 1 else ''})")
     total = sum(per_method[r.method][0] for r in runs)
-    wall = total / max(1, min(jobs, len(runs)))
+    start = worker_start_seconds() if startup and runs else 0.0
+    wall = start + total / max(1, min(jobs, len(runs)))
     how: dict[str, list[str]] = {}
     for method, (_, text) in per_method.items():
         how.setdefault("from the store" if text.startswith("median") else "timed", []).append(method)
     lines = []
     if how.get("timed"):
         lines.append(f"{', '.join(how['timed'])}: timed here, per model: building its data and model, {steps} "
-                     "training steps and an evaluation pass, times the steps and passes of every epoch (not counted: "
-                     "starting a worker process and writing the run folder)")
+                     "training steps and an evaluation pass, times the steps and passes of every epoch")
     if how.get("from the store"):
         lines.append(f"{', '.join(how['from the store'])}: median time of the finished runs of the method in the store")
-    return SweepEstimate(seconds=wall, per_method=per_method, how=lines)
+    if start:
+        lines.append(f"starting the workers: {start:.1f} s, measured by starting one Python process that imports "
+                     "the training code (the jobs start in parallel)")
+    return SweepEstimate(seconds=wall, per_method=per_method, how=lines, startup=start)
 
 
 def _plain(node: Any) -> Any:
