@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fuselab.data.core import DataBundle
 from fuselab.train.loop import FitResult, count_parameters, fit
-from fuselab.train.session import build_data, build_model, prepare_run  # noqa: F401  (build_data, build_model: re-exported)
+from fuselab.train.session import RunSession, build_data, build_model, prepare_run  # noqa: F401  (build_data, build_model: re-exported)
 
 
 @dataclass
@@ -118,6 +118,56 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
+def _fit_fold(session: RunSession, i: int, part: DataBundle, run_dir: Path | None, resumable: bool,
+              on_epoch: Callable[[int, dict[str, float]], None] | None) -> tuple[FitResult, int]:
+    """Train the model of fold ``i`` (the only one without cross-validation); (its result, its parameters).
+    A resumable run keeps its training state in ``run_dir`` and, with folds, each finished fold's result."""
+    if i:
+        session.reseed()  # every fold starts from the same initialisation
+    model = session.model(part)
+    loss = session.loss()
+    params = count_parameters(model)
+    folds = len(session.parts)
+    keep = resumable and run_dir is not None
+    resume_path = run_dir / ("resume.pt" if folds == 1 else f"resume-fold{i}.pt") if keep else None
+    finished = run_dir / f"finished-fold{i}.pt" if keep and folds > 1 else None
+    if finished is not None and finished.is_file():  # a fold completed before the run was interrupted
+        return FitResult(**torch.load(finished, weights_only=True)), params  # plain tensors and types: never runs code
+    result = fit(model, part, loss, session.train, seed=session.seed, fabric=session.fabric, on_epoch=on_epoch,
+                 resume_path=resume_path)
+    if finished is not None:
+        torch.save({f.name: getattr(result, f.name) for f in dataclasses.fields(result)}, finished)
+    if resume_path is not None:
+        resume_path.unlink(missing_ok=True)
+    return result, params
+
+
+def _metrics(cfg: DictConfig, result: FitResult, params: int, folds: int, diagnostics: dict[str, Any],
+             seconds: float) -> dict[str, Any]:
+    """What ``metrics.json`` holds: test_* and val_* metrics, size, epochs, time, diagnostics."""
+    metrics: dict[str, Any] = {f"test_{k}": v for k, v in result.test.items()}
+    metrics.update({f"val_{k}": v for k, v in result.val.items()})
+    metrics.update(params=params, best_epoch=result.best_epoch, epochs_run=len(result.history), seconds=seconds)
+    if folds > 1:
+        metrics["folds"] = folds
+    metrics.update(diagnostics)
+    if cfg.get("control", False):
+        metrics["control"] = True
+    return metrics
+
+
+def _write_run(run_dir: Path, cfg: DictConfig, result: FitResult, metrics: dict[str, Any], checkpoint: bool) -> None:
+    """The run folder's files (the loggers write theirs)."""
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    _write_json(run_dir / "metrics.json", metrics)
+    _write_json(run_dir / "environment.json", environment(torch.get_num_threads()))
+    if result.history:  # a method that is not trained (cva) has no history
+        pd.DataFrame(result.history).to_csv(run_dir / "history.csv", index=False)
+    np.savez_compressed(run_dir / "predictions.npz", y_true=result.test_true.numpy(), y_pred=result.test_pred.numpy())
+    if checkpoint:
+        torch.save(result.state_dict, run_dir / "checkpoint.pt")
+
+
 def execute(
     cfg: DictConfig,
     run_dir: Path | None = None,
@@ -128,57 +178,24 @@ def execute(
     """Train one run. With ``run_dir``, write config.yaml, metrics.json, history.csv, predictions.npz,
     environment.json, the best checkpoint and the CSV (and optionally TensorBoard) logs there.
     ``resumable`` keeps a resumable training state in ``run_dir`` (removed when the run completes)."""
-    tcfg = OmegaConf.to_object(cfg.train)
     from fuselab.train.loggers import build_loggers, log_run_end
 
+    tcfg = OmegaConf.to_object(cfg.train)
     loggers = build_loggers(run_dir, tcfg, config=cfg) if run_dir is not None else []
     start = time.perf_counter()  # after the loggers: opening a new MLflow store takes seconds that are not the run's
     session = prepare_run(cfg, loggers=loggers, launch=True)
-    fabric, data = session.fabric, session.data
     parts = session.parts  # cross-validation: one model per fold, test predictions pooled
-    results: list[FitResult] = []
-    for i, part in enumerate(parts):
-        if i:
-            session.reseed()  # every fold starts from the same initialisation
-        model = session.model(part)
-        loss = session.loss()
-        params = count_parameters(model)
-        keep = resumable and run_dir is not None
-        resume_path = run_dir / ("resume.pt" if len(parts) == 1 else f"resume-fold{i}.pt") if keep else None
-        finished = run_dir / f"finished-fold{i}.pt" if keep and len(parts) > 1 else None
-        if finished is not None and finished.is_file():  # a fold completed before the run was interrupted
-            results.append(FitResult(**torch.load(finished, weights_only=True)))  # plain tensors and types: never runs code
-            continue
-        result = fit(model, part, loss, tcfg, seed=int(cfg.seed), fabric=fabric, on_epoch=on_epoch, resume_path=resume_path)
-        if finished is not None:
-            torch.save({f.name: getattr(result, f.name) for f in dataclasses.fields(result)}, finished)
-        if resume_path is not None:
-            resume_path.unlink(missing_ok=True)
-        results.append(result)
-    diagnostics = diagnose(cfg, parts, results, fabric.device)
-    result = results[0] if len(results) == 1 else pool_folds(results, data)
+    fitted = [_fit_fold(session, i, part, run_dir, resumable, on_epoch) for i, part in enumerate(parts)]
+    results = [r for r, _ in fitted]
+    diagnostics = diagnose(cfg, parts, results, session.fabric.device)
+    result = results[0] if len(results) == 1 else pool_folds(results, session.data)
     if run_dir is not None:
         for i in range(len(parts) if len(parts) > 1 else 0):
             (run_dir / f"finished-fold{i}.pt").unlink(missing_ok=True)
-    for logger in fabric.loggers:
+    for logger in session.fabric.loggers:
         logger.finalize("success")
-    metrics: dict[str, Any] = {f"test_{k}": v for k, v in result.test.items()}
-    metrics.update({f"val_{k}": v for k, v in result.val.items()})
-    metrics.update(params=params, best_epoch=result.best_epoch, epochs_run=len(result.history),
-                   seconds=time.perf_counter() - start)
-    if len(parts) > 1:
-        metrics["folds"] = len(parts)
-    metrics.update(diagnostics)
-    if cfg.get("control", False):
-        metrics["control"] = True
-    if run_dir is not None and fabric.is_global_zero:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-        _write_json(run_dir / "metrics.json", metrics)
-        _write_json(run_dir / "environment.json", environment(torch.get_num_threads()))
-        if result.history:  # a method that is not trained (cva) has no history
-            pd.DataFrame(result.history).to_csv(run_dir / "history.csv", index=False)
-        np.savez_compressed(run_dir / "predictions.npz", y_true=result.test_true.numpy(), y_pred=result.test_pred.numpy())
-        if tcfg.checkpoint:
-            torch.save(result.state_dict, run_dir / "checkpoint.pt")
-        log_run_end(fabric.loggers, metrics, run_dir)  # final metrics and config.yaml to MLflow
+    metrics = _metrics(cfg, result, fitted[-1][1], len(parts), diagnostics, time.perf_counter() - start)
+    if run_dir is not None and session.fabric.is_global_zero:
+        _write_run(run_dir, cfg, result, metrics, tcfg.checkpoint)
+        log_run_end(session.fabric.loggers, metrics, run_dir)  # final metrics and config.yaml to MLflow
     return RunResult(metrics=metrics, history=result.history, fit=result)
