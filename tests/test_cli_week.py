@@ -457,3 +457,19 @@ def test_chinese_report_plots_follow_the_font_that_is_installed(week, monkeypatc
     assert result.exit_code == 0, result.output
     assert labels["training_curves"] == ["训练损失", "验证准确率 (%)"]
     assert "图中文字为英文" not in report.read_text(encoding="utf-8")
+
+
+def test_tune_prints_one_plain_line_per_trial_and_keeps_the_method_alias(tmp_path, data_root):
+    spec = {**SPEC, "search": {"train.lr": {"loguniform": [1.0e-3, 1.0e-2]}}}
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    code, out, err = fuselab("tune", str(path), "--store", str(tmp_path / "s"), "--trials", "2", "--methods", "sum",
+                             "--method", "max", out=tmp_path / "t")
+    assert code == 0, err
+    line = re.compile(r"^\[(\d)/4\] \d+:\d\d elapsed, ETA (\?|\d+:\d\d)  (sum|max) trial ([01]): finished, "
+                      r"val accuracy (\d+\.\d\d) %, train\.lr=([0-9.e-]+)  \(0 failed\)$")
+    found = [line.match(x) for x in out.splitlines() if x.startswith("[")]
+    assert len(found) == 4 and all(found), out
+    assert [(m.group(3), m.group(4)) for m in found] == [("sum", "0"), ("sum", "1"), ("max", "0"), ("max", "1")]
+    assert all(1.0e-3 <= float(m.group(6)) <= 1.0e-2 for m in found)
+    assert "tuning 2 methods, 2 trials each" in out and "━" not in out.split("best on validation")[0]
