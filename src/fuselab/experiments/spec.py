@@ -61,6 +61,8 @@ NEUTRAL_DEFAULTS: dict[str, tuple[Any, ...]] = {
     "train.no_decay_norm_bias": (False,),
     "train.freeze_bn": (False,),
     "train.freeze_bn_epoch": (0,),
+    "train.channels_last": (False,),
+    "train.compile": (False,),
 }
 
 
@@ -217,6 +219,31 @@ def parse_spec(
     base = raw.get("base") or {}
     if not isinstance(base, dict):
         raise ConfigError("spec key 'base' must be a mapping of config sections")
+    methods = _methods(raw, name)
+    seeds = raw.get("seeds", [0])
+    if isinstance(seeds, int):
+        seeds = list(range(seeds))
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ConfigError("spec key 'seeds' must be a non-empty list of integers (or a count)")
+    for method in methods:  # every grid key and override must be a config key, before anything else
+        try:
+            apply_overrides(base, method.overrides)
+        except ConfigError as exc:
+            raise ConfigError(f"spec '{name}', method '{method.name}': {exc}") from None
+    metric = str(raw.get("metric", "accuracy"))
+    if metric not in METRICS:
+        raise ConfigError(f"spec key 'metric' must be one of {', '.join(METRICS)}, got '{metric}'")
+    baseline = _resolve_baseline(raw.get("baseline"), methods, name)
+    spec = Spec(name, base, methods, list(seeds), baseline, metric, str(raw.get("description", "")), raw, resolved,
+                **_fairness_options(raw, name))
+    if spec.search:
+        check_space(spec)  # every search key must be a config key of at least one method
+    return spec
+
+
+def _methods(raw: dict[str, Any], name: str) -> list[Method]:
+    """The methods of a spec: one per combination of its grid, then its named variants (or ``base`` alone),
+    with safe and distinct names."""
     grid = raw.get("grid") or {}
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
         raise ConfigError("spec key 'grid' must map dotted config keys to non-empty lists of values")
@@ -237,25 +264,7 @@ def parse_spec(
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"spec '{name}' has two methods named '{duplicates[0]}'; rename a variant")
-    seeds = raw.get("seeds", [0])
-    if isinstance(seeds, int):
-        seeds = list(range(seeds))
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise ConfigError("spec key 'seeds' must be a non-empty list of integers (or a count)")
-    for method in methods:  # every grid key and override must be a config key, before anything else
-        try:
-            apply_overrides(base, method.overrides)
-        except ConfigError as exc:
-            raise ConfigError(f"spec '{name}', method '{method.name}': {exc}") from None
-    metric = str(raw.get("metric", "accuracy"))
-    if metric not in METRICS:
-        raise ConfigError(f"spec key 'metric' must be one of {', '.join(METRICS)}, got '{metric}'")
-    baseline = _resolve_baseline(raw.get("baseline"), methods, name)
-    spec = Spec(name, base, methods, list(seeds), baseline, metric, str(raw.get("description", "")), raw, resolved,
-                **_fairness_options(raw, name))
-    if spec.search:
-        check_space(spec)  # every search key must be a config key of at least one method
-    return spec
+    return methods
 
 
 def check_experiment_name(name: str) -> str:
