@@ -27,6 +27,11 @@ from fuselab.errors import ConfigError
 from fuselab.registry import DATASETS, FUSIONS, LOSSES, MODELS
 
 
+# what Lightning Fabric accepts as ``precision`` (16-mixed on a CPU falls back to bf16-mixed, with a warning)
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "32", "16", "bf16", "64",
+              "transformer-engine", "transformer-engine-float16")
+
+
 @dataclasses.dataclass
 class TrainConfig:
     epochs: int = 60  # passes over the training split
@@ -45,6 +50,8 @@ class TrainConfig:
     monitor: str = "accuracy"  # validation metric that picks the best checkpoint: accuracy | macro_f1 | loss
     select: str = "best"  # evaluate on test the best epoch on validation ("best") or the final weights ("last")
     precision: str = "32-true"  # Lightning Fabric precision: 32-true, bf16-mixed, 16-mixed, ...
+    channels_last: bool = False  # models and 4-D (map) inputs in channels_last memory format (faster convolutions on GPUs with tensor cores); the same results up to float rounding
+    compile: bool = False  # torch.compile the training forward pass (the first steps pay the compilation; evaluation stays eager); the same results up to float rounding, except that compiled dropout draws other masks
     accelerator: str = "auto"  # cpu | cuda | mps | auto
     devices: int = 1  # devices (processes) per node for one run; > 1 is data-parallel (launch with fuselab run)
     num_nodes: int = 1  # nodes for one run (torchrun or SLURM launches the processes)
@@ -291,6 +298,8 @@ def validate(cfg: DictConfig) -> None:
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
             key = "train.modality_dropout" + (f".{name}" if name else "")
             raise ConfigError(f"config key '{key}' must be a probability in [0, 1] (or a mapping of modality to one), got {rate!r}")
+    if str(cfg.train.precision) not in PRECISIONS:
+        raise ConfigError(f"config key 'train.precision' must be one of {', '.join(PRECISIONS)}, got {cfg.train.precision!r}")
     if cfg.train.lr <= 0:
         raise ConfigError(f"config key 'train.lr' must be positive, got {cfg.train.lr}")
     _check_optimizer(cfg.train)

@@ -7,6 +7,7 @@ schedule; loss values stay on the device and are read once per epoch (no per-ste
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -56,10 +57,58 @@ def warmup_cosine(total_steps: int, warmup: float) -> Callable[[int], float]:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, split: ModalTensors, batch_size: int) -> Tensor:
-    """Logits of a whole split, in order."""
+def predict(model: nn.Module, split: ModalTensors, batch_size: int, *, precision: str | None = None) -> Tensor:
+    """Logits of a whole split, in order, as float32. With a mixed ``precision`` (``bf16-mixed``,
+    ``16-mixed``) the forward passes run under its autocast (a Fabric-wrapped model applies its own)."""
     model.eval()
-    return torch.cat([model(x).logits.float() for x, _ in split.batches(batch_size)])
+    with autocast(precision, split.y.device):
+        return torch.cat([model(x).logits.float() for x, _ in split.batches(batch_size)])
+
+
+def autocast(precision: str | None, device: torch.device | str) -> contextlib.AbstractContextManager[Any]:
+    """The autocast of a mixed Fabric ``precision`` on ``device`` (``bf16-mixed``: bfloat16; ``16-mixed``:
+    float16, or bfloat16 on a CPU, where Fabric makes the same substitution); a no-op for every other precision,
+    so a model outside Fabric (a loaded run) evaluates as it trained."""
+    device = torch.device(device)
+    name = str(precision or "")
+    if name in ("bf16-mixed", "bf16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if name in ("16-mixed", "16"):
+        return torch.autocast(device.type, dtype=torch.float16 if device.type != "cpu" else torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def pinned_copies(device: torch.device | str) -> bool:
+    """Whether a dataset goes to ``device`` through pinned (page-locked) host memory with
+    ``non_blocking=True`` copies: only for a CUDA device (pinning needs a CUDA driver; a copy to the CPU is no
+    copy, and other backends gain nothing from it)."""
+    return torch.device(device).type == "cuda"
+
+
+def split_to_device(split: ModalTensors, device: torch.device | str, *, channels_last: bool = False) -> ModalTensors:
+    """``split`` on ``device``: pinned, non-blocking copies to a CUDA device (:func:`pinned_copies`), plain
+    ``.to`` otherwise; with ``channels_last`` its maps ``(N, C, H, W)`` are laid out channels-last (batches
+    indexed from them keep that layout)."""
+    device = torch.device(device)
+    pinned = pinned_copies(device)
+
+    def move(t: Tensor) -> Tensor:
+        if pinned and t.device.type == "cpu":
+            return t.pin_memory().to(device, non_blocking=True)
+        return t.to(device)
+
+    x = {m: move(v) for m, v in split.x.items()}
+    if channels_last:
+        x = {m: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for m, v in x.items()}
+    return dataclasses.replace(split, x=x, y=move(split.y))
+
+
+def data_to_device(data: DataBundle, device: torch.device | str, *, test: bool = True,
+                   channels_last: bool = False) -> DataBundle:
+    """``data``'s splits on ``device`` (:func:`split_to_device`); ``test=False`` leaves the test split where
+    it is (tuning never touches it)."""
+    move = lambda split: split_to_device(split, device, channels_last=channels_last)  # noqa: E731
+    return dataclasses.replace(data, train=move(data.train), val=move(data.val), test=move(data.test) if test else data.test)
 
 
 def fit(
@@ -86,10 +135,7 @@ def fit(
     The metrics are those of ``data.task`` (``fuselab.metrics``). A model with ``needs_training = False``
     (e.g. ``cva``) is only evaluated.
     """
-    if evaluate_test:
-        data = data.to(fabric.device)
-    else:
-        data = dataclasses.replace(data, train=data.train.to(fabric.device), val=data.val.to(fabric.device))
+    data = data_to_device(data, fabric.device, test=evaluate_test, channels_last=bool(getattr(cfg, "channels_last", False)))
     metric_fn = _metric_fn(data.task)
     if getattr(model, "needs_training", True) is False:
         return _evaluate_only(model.to(fabric.device), data, cfg, metric_fn, evaluate_test)
@@ -186,6 +232,8 @@ class _Training:
     @classmethod
     def start(cls, model: nn.Module, data: DataBundle, loss: WeightedLoss, cfg: TrainConfig, *, seed: int,
               fabric: Fabric) -> "_Training":
+        if getattr(cfg, "channels_last", False):  # conv weights channels-last, like the maps (data_to_device)
+            model = model.to(memory_format=torch.channels_last)
         fused = fabric.device.type in ("cpu", "cuda")  # one fused kernel instead of a loop over tensors
         optimizer = make_optimizer(model, cfg, fused=fused)
         proximal = proximal_modules(model)  # e.g. CEN's L1 on BN scales as a soft threshold after each step
@@ -202,7 +250,7 @@ class _Training:
             raise ConfigError(str(exc)) from None
         stats = getattr(inner, "training_stats", None)  # e.g. MultiStream: its operators' epoch statistics
         return cls(model=model, optimizer=optimizer, scheduler=scheduler, generator=generator,
-                   forward=_forward_fn(model, fabric, cfg.precision), inner=inner, proximal=proximal, loss=loss,
+                   forward=_forward_fn(model, fabric, cfg.precision, compile=bool(getattr(cfg, "compile", False))), inner=inner, proximal=proximal, loss=loss,
                    cfg=cfg, fabric=fabric, seed=seed, dropout=dropout, training_stats=stats if callable(stats) else None)
 
     def train_epoch(self, train: ModalTensors, epoch: int) -> tuple[list[float], list[str]]:
@@ -304,18 +352,22 @@ def _evaluate_only(model: nn.Module, data: DataBundle, cfg: TrainConfig, metric_
     )
 
 
-def _forward_fn(model: nn.Module, fabric: Fabric, precision: str) -> Callable[[Any], Any]:
+def _forward_fn(model: nn.Module, fabric: Fabric, precision: str, *, compile: bool = False) -> Callable[[Any], Any]:
     """The training forward. Fabric's module wrapper converts inputs and outputs for the precision on every
     call; for full and mixed precision that conversion is the identity (mixed precision is autocast), so
     the strategy's module (the DDP wrapper when distributed) is called under ``fabric.autocast()`` directly:
-    the per-step walk over input and output collections cost about 2 % of a small model's step."""
+    the per-step walk over input and output collections cost about 2 % of a small model's step.
+
+    With ``compile`` that module goes through ``torch.compile`` (it shares the parameters, so the state dict,
+    the optimiser and the evaluation, which stays eager, see the same weights)."""
     inner = getattr(model, "_forward_module", None)
     if inner is None or not (precision.startswith(("32", "64")) or precision.endswith("-mixed")):
-        return model
+        return torch.compile(model) if compile else model
+    module = torch.compile(inner) if compile else inner
 
     def forward(x: Any, **kwargs: Any) -> Any:
         with fabric.autocast():
-            return inner(x, **kwargs)
+            return module(x, **kwargs)
 
     return forward
 
@@ -336,4 +388,5 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["FitResult", "NonFiniteLossError", "classification_metrics", "count_parameters", "fit", "make_fabric", "predict", "warmup_cosine"]
+__all__ = ["FitResult", "NonFiniteLossError", "autocast", "classification_metrics", "count_parameters", "data_to_device", "fit",
+           "make_fabric", "pinned_copies", "predict", "split_to_device", "warmup_cosine"]

@@ -229,14 +229,17 @@ class LoadedRun:
     @torch.no_grad()
     def logits(self, x: dict[str, Tensor], *, fold: int | None = None, batch_size: int | None = None) -> Tensor:
         """Logits of a batch of inputs (``{modality: tensor}``) from one fold's model, or the mean of every
-        fold's logits (``fold=None``)."""
-        from fuselab.train.loop import predict
+        fold's logits (``fold=None``). They run in the run's ``train.precision`` (autocast for the mixed ones)
+        and memory format (``train.channels_last``), as its evaluation did."""
+        from fuselab.train.loop import predict, split_to_device
 
         batch_size = int(batch_size or self.config.train.eval_batch_size)
         n = len(next(iter(x.values())))
-        split = ModalTensors({m: v.to(self.device) for m, v in x.items()}, torch.zeros(n, dtype=torch.long, device=self.device))
+        split = split_to_device(ModalTensors(dict(x), torch.zeros(n, dtype=torch.long)), self.device,
+                                channels_last=bool(self.config.train.get("channels_last", False)))
         chosen = self.models if fold is None else [self.models[fold]]
-        return torch.stack([predict(model, split, batch_size).float() for model in chosen]).mean(0)
+        precision = str(self.config.train.get("precision", "32-true"))
+        return torch.stack([predict(model, split, batch_size, precision=precision).float() for model in chosen]).mean(0)
 
     @torch.no_grad()
     def predict_proba(self, x: dict[str, Tensor], *, fold: int | None = None) -> Tensor:
@@ -281,6 +284,8 @@ def load_run(run_dir: str | Path, overrides: Sequence[str] = (), *, data: DataBu
         torch.manual_seed(int(cfg.seed))
         model = build_checked_model(cfg, parts[i])
         model.load_state_dict(fold_state(state, i, folds))
+        if cfg.train.get("channels_last", False):
+            model = model.to(memory_format=torch.channels_last)
         models.append(model.to(device).eval())
     return LoadedRun(run_dir, cfg, data, models, metrics, device)
 
