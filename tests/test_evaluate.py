@@ -153,3 +153,13 @@ def test_run_prints_kappa_oa_f1_and_iou_for_change_detection(data_root, tmp_path
     assert f"test Kappa {metrics['test_kappa'] * 100:.2f}" in out
     assert f"OA {metrics['test_accuracy'] * 100:.2f} %" in out
     assert f"F1 change {metrics['test_f1_change'] * 100:.2f} %" in out and f"IoU change {metrics['test_iou_change'] * 100:.2f} %" in out
+
+
+def test_one_model_run_on_cross_validated_data_is_pooled_over_every_labelled_pixel(data_root, tmp_path):
+    folder = tmp_path / "cva"
+    result = execute(make_config({"data": {"name": "landsat-cd", "data_root": str(data_root)}, "model": {"name": "cva"},
+                                  "train": {"epochs": 1, "threads": 1}}), folder)
+    scored = score_run(folder)
+    assert scored["mode"] == "pooled" and scored["models"] == 1 and scored["n"] == 4227 + 17163
+    assert scored["metrics"]["kappa"] == pytest.approx(result.metrics["test_kappa"], abs=1e-6)
+    assert len(scored["folds"]) == 5

@@ -8,8 +8,9 @@ scored on the new data's test split:
 
 - ``ensemble``: the mean of the fold models' class probabilities (a run without folds has one model);
 - ``fold0`` ... ``fold<f-1>``: each fold model alone; ``single`` is their mean and std over the folds;
-- ``pooled`` (only when the new data has the same folds as the run, i.e. the run's own cross-validation):
-  fold i's model on fold i's test pixels, every labelled pixel once, which reproduces the run's test metrics.
+- ``pooled`` (when the new data is cross-validated, e.g. the run's own folds): fold i's model (a run's only
+  model, if it has one) on fold i's test pixels, every labelled pixel once, which reproduces the run's test
+  metrics.
 
 A ``landsat-cd`` run evaluated on another scene (``data.images=...``) is scored on every labelled pixel of
 that scene (``data.fold=all`` is implied unless ``data.fold`` is given).
@@ -89,10 +90,13 @@ def score_run(run_dir: str | Path, overrides: Sequence[str] = (), *, device: str
     record: dict[str, Any] = {"overrides": items, "task": data.task, "models": n_models,
                               "data": OmegaConf.to_container(run.config.data, resolve=True)}
     folds = list(data.folds or [])
-    if folds and len(folds) == n_models and n_models > 1:
+    if folds and n_models not in (1, len(folds)):
+        raise ConfigError(f"run '{Path(run_dir).name}' has {n_models} fold models but the data has {len(folds)} folds; "
+                          f"give data.folds={n_models}, or data.fold=all to score every model on every labelled pixel")
+    if folds:  # cross-validated data: fold i's model (the only model) on fold i's held-out part, pooled
         preds, trues, per_fold = [], [], []
         for i, part in enumerate(folds):
-            pred = run.predict(part.test.x, fold=i).cpu()
+            pred = run.predict(part.test.x, fold=i if n_models > 1 else 0).cpu()
             keep = part.test.y != IGNORE_INDEX
             preds.append(pred[keep])
             trues.append(part.test.y[keep])
@@ -101,7 +105,7 @@ def score_run(run_dir: str | Path, overrides: Sequence[str] = (), *, device: str
         record.update(mode="pooled", n=int(len(true)), folds=per_fold,
                       metrics=_floats(prediction_metrics(data.task, pred, true, data.num_classes)))
         return record
-    split = folds[0].test if folds else data.test
+    split = data.test
     probs = [run.predict_proba(split.x, fold=i).cpu() for i in range(n_models)]
     target = split.y
     per_fold = [_floats(prediction_metrics(data.task, p.argmax(1), target, data.num_classes)) for p in probs]
