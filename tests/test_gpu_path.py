@@ -312,3 +312,21 @@ def test_gpu_benchmark_refuses_to_measure_without_cuda():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py")], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and "--dry-run" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("name", [n for n in FUSIONS.list() if "map" in getattr(FUSIONS.get(n), "forms", ())])
+def test_every_map_fusion_gives_the_same_logits_channels_last(name):
+    """``train.channels_last`` changes only the layout: no map operator may read a channels-last map as if it
+    were contiguous (a ``view`` where a ``reshape`` is needed) or lose gradients with it."""
+    exchange = FUSIONS.get(name).contract == "exchange"
+    torch.manual_seed(0)
+    model = conv_streams(dims={"a": 3, "b": 3}, num_classes=2, widths=[16, 32], fuse_at="all", neck="fpn", dense=True,
+                         fusion={"name": "concat"} if exchange else {"name": name},
+                         **({"exchange": {"name": name}} if exchange else {})).eval()
+    x = {m: torch.randn(2, 3, 16, 16) for m in ("a", "b")}
+    plain = model(x).logits
+    model = model.to(memory_format=torch.channels_last)
+    last = model({m: v.contiguous(memory_format=torch.channels_last) for m, v in x.items()}).logits
+    torch.testing.assert_close(last, plain, rtol=1e-4, atol=1e-5)
+    last.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
