@@ -176,7 +176,9 @@ def evaluation_table(rows: list[dict[str, Any]], name: str) -> str:
     lines = [f"| method | models | seeds | scored | {' | '.join(labels.get(k, k) for k in keys)} |",
              "|---|---|---|---|" + "---|" * len(keys)]
     for method, records in methods.items():
-        mode = "one model" if records[0]["models"] == 1 else records[0]["mode"]
+        mode = records[0]["mode"]
+        if records[0]["models"] == 1:
+            mode = "one model, pooled over folds" if mode == "pooled" else "one model"
         modes = [(mode, [r["metrics"] for r in records])]
         if records[0]["mode"] == "ensemble" and records[0]["models"] > 1:
             modes[0] = ("fold ensemble", modes[0][1])
