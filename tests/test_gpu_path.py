@@ -17,6 +17,7 @@ from torch import nn
 
 from fuselab.data.core import bundle_from_arrays
 from fuselab.errors import ConfigError
+from fuselab.experiments.robustness import RobustnessSettings, evaluate_run
 from fuselab.experiments.spec import run_id
 from fuselab.losses import WeightedLoss
 from fuselab.models.conv import conv_streams
@@ -53,6 +54,9 @@ def test_bf16_mixed_run_learns_in_bfloat16_and_its_loaded_model_predicts_alike(d
         records.clear()
         run = load_run(tmp_path / "run")
         pred = run.predict(run.data.test.x)
+        loaded = list(records)
+        records.clear()
+        _, clean = evaluate_run(cfg, result.fit.state_dict, RobustnessSettings(levels=(0.0, 0.5)))
     finally:
         handle.remove()
     assert result.metrics["test_accuracy"] > 0.85  # 10 classes: chance is 0.1
@@ -60,7 +64,11 @@ def test_bf16_mixed_run_learns_in_bfloat16_and_its_loaded_model_predicts_alike(d
     assert {dtype for training, dtype in trained if training} == {torch.bfloat16}
     assert {dtype for training, dtype in trained if not training} >= {torch.bfloat16}
     # a loaded run evaluates in the precision it trained in, and predicts what its evaluation stored
+    assert loaded and {dtype for _, dtype in loaded} == {torch.bfloat16}
+    # so does the robustness evaluation, whose clean accuracy is the run's own, exactly
     assert records and {dtype for _, dtype in records} == {torch.bfloat16}
+    assert clean == result.metrics["test_accuracy"]
+    assert "diag_error" not in result.metrics  # the fusion diagnostics ran
     stored = np.load(tmp_path / "run" / "predictions.npz")["y_pred"]
     assert (pred.numpy() == stored).mean() > 0.99
 

@@ -199,6 +199,7 @@ def evaluate_run(cfg: Any, state: dict[str, Tensor], settings: RobustnessSetting
     """The robustness curves of one run from its resolved config and best weights: a frame with columns
     ``corruption``, ``modality``, ``mode``, ``level``, ``accuracy``, and the clean test accuracy. A
     cross-validated run is evaluated fold by fold and its predictions pooled, as training pooled them."""
+    from fuselab.train.loop import autocast
     from fuselab.train.session import build_checked_model, build_data, fold_state, setup_process
 
     setup_process()  # as in training: the clean accuracy must be reproduced bit for bit
@@ -212,7 +213,8 @@ def evaluate_run(cfg: Any, state: dict[str, Tensor], settings: RobustnessSetting
         model = build_checked_model(cfg, part)
         model.load_state_dict(fold_state(state, i, len(parts)))
         model.to(device)
-        frame, clean = evaluate_model(model, part.to(device), settings, seed=int(cfg.seed) + 1000 * i, batch_size=batch_size)
+        with autocast(str(cfg.train.get("precision", "32-true")), device):  # the run's mixed precision, as it evaluated
+            frame, clean = evaluate_model(model, part.to(device), settings, seed=int(cfg.seed) + 1000 * i, batch_size=batch_size)
         frames.append(frame)
         cleans.append(clean)
     keys = ["corruption", "modality", "mode", "level"]
