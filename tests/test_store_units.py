@@ -191,6 +191,19 @@ def test_create_without_hard_links_moves_the_database_into_place(tmp_path, monke
     assert [p.name for p in store.root.iterdir() if p.name.startswith(".")] == []
 
 
+def test_a_database_that_cannot_be_moved_into_place_is_one_line(tmp_path, monkeypatch):
+    def refuse(*args):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(module.os, "link", refuse)
+    monkeypatch.setattr(module.os, "replace", refuse)
+    store = Store(tmp_path / "s")
+    with pytest.raises(ConfigError, match=rf"^store '{store.root}' cannot be written \(Permission denied\); "
+                                          "pick another --store$"):
+        store.init()
+    assert list(store.root.iterdir()) == []  # the temporary database is removed
+
+
 def test_a_store_that_cannot_be_created_is_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
