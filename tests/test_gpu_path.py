@@ -142,6 +142,18 @@ def test_gpu_options_are_off_by_default_checked_and_keep_run_ids():
         make_config(None, ["train.precision=bf17-mixed"])
 
 
+def test_device_options_fabric_cannot_start_with_are_one_line_config_errors():
+    from fuselab.train.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"config key 'train.accelerator' must be one of auto, cpu, cuda"):
+        make_config(None, ["train.accelerator=gpu3"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"^Lightning Fabric cannot start with train.accelerator=cuda, .*not available"):
+            make_fabric(TrainConfig(accelerator="cuda"))
+    with pytest.raises(ConfigError, match=r"train.devices=64"):
+        make_fabric(TrainConfig(accelerator="cpu", devices=64, strategy="not-a-strategy"))
+
+
 def test_precision_typo_is_one_line_with_exit_code_2(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run([sys.executable, "-m", "fuselab.cli", "run", "train.precision=fp16", "--out", str(tmp_path / "r")],

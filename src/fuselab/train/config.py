@@ -30,6 +30,7 @@ from fuselab.registry import DATASETS, FUSIONS, LOSSES, MODELS
 # what Lightning Fabric accepts as ``precision`` (16-mixed on a CPU falls back to bf16-mixed, with a warning)
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "32", "16", "bf16", "64",
               "transformer-engine", "transformer-engine-float16")
+ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps", "tpu")  # Lightning Fabric's accelerator names
 
 
 @dataclasses.dataclass
@@ -298,6 +299,8 @@ def validate(cfg: DictConfig) -> None:
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
             key = "train.modality_dropout" + (f".{name}" if name else "")
             raise ConfigError(f"config key '{key}' must be a probability in [0, 1] (or a mapping of modality to one), got {rate!r}")
+    if cfg.train.accelerator not in ACCELERATORS:
+        raise ConfigError(f"config key 'train.accelerator' must be one of {', '.join(ACCELERATORS)}, got {cfg.train.accelerator!r}")
     if str(cfg.train.precision) not in PRECISIONS:
         raise ConfigError(f"config key 'train.precision' must be one of {', '.join(PRECISIONS)}, got {cfg.train.precision!r}")
     if cfg.train.lr <= 0:

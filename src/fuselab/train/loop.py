@@ -380,8 +380,14 @@ def _save_resume_state(path: Path, state: dict[str, Any]) -> None:
 
 
 def make_fabric(cfg: TrainConfig, loggers: list[Any] | None = None) -> Fabric:
-    return Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
-                  precision=cfg.precision, loggers=loggers or [])
+    """Lightning Fabric for a run's device options; one it cannot start with (``train.accelerator=cuda`` on a
+    machine without a CUDA device, too many devices) is a one-line ``ConfigError``."""
+    try:
+        return Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
+                      precision=cfg.precision, loggers=loggers or [])
+    except (RuntimeError, ValueError) as exc:
+        options = f"train.accelerator={cfg.accelerator}, train.devices={cfg.devices}, train.strategy={cfg.strategy}"
+        raise ConfigError(f"Lightning Fabric cannot start with {options}: {str(exc).splitlines()[0]}") from None
 
 
 def count_parameters(model: nn.Module) -> int:
