@@ -34,6 +34,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from fuselab.train.flops import flops_per_sample  # noqa: F401  (re-exported: counted in one place)
+
 COLUMNS = ("params", "flops", "latency_b1_ms", "latency_b64_ms", "peak_mem_mb")
 SPREAD_COLUMNS = ("latency_b1_ms_q1", "latency_b1_ms_q3", "latency_b64_ms_q1", "latency_b64_ms_q3")
 BATCHES = (1, 64)
@@ -56,32 +58,6 @@ class MethodProfile:
     latency_b1_ms_q3: float = float("nan")
     latency_b64_ms_q1: float = float("nan")
     latency_b64_ms_q3: float = float("nan")
-
-
-def flops_per_sample(cfg: Any, data: Any = None, *, batch: int = 8) -> float:
-    """Forward FLOPs per sample of the model a run config describes (eval mode, one test batch).
-
-    ``cfg`` is a resolved run config (``DictConfig`` or a plain dict); ``data`` its ``DataBundle`` if
-    already built. Attention through SDPA is counted (``fuselab.layers.attention`` registers its formula).
-    """
-    from omegaconf import DictConfig
-    from torch.utils.flop_counter import FlopCounterMode
-
-    import fuselab.layers.attention  # noqa: F401  (registers the SDPA FLOP formula)
-    from fuselab.train.config import make_config
-    from fuselab.train.run import build_data, build_model
-
-    if not isinstance(cfg, DictConfig):
-        cfg = make_config(dict(cfg))
-    data = data if data is not None else build_data(cfg)
-    torch.manual_seed(0)
-    model = build_model(cfg, data).eval()
-    n = min(batch, len(data.test))
-    inputs, _ = data.test.take(torch.arange(n))
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(inputs)
-    return counter.get_total_flops() / n
 
 
 def module_flops(module: nn.Module, *args: Any, **kwargs: Any) -> int:

@@ -8,8 +8,8 @@ Every plot is written as PNG (for Markdown and HTML) and PDF (for LaTeX):
 * heat maps for two-parameter ablations (two grid keys with several values each; further grid keys give
   one panel per combination).
 
-FLOPs are not part of a run's metrics yet: :func:`flops_per_sample` counts them for a run config with
-``torch.utils.flop_counter`` on one batch, and :func:`cached_flops` keeps the count in ``runs/<id>/flops.json``.
+FLOPs come from ``fuselab.train.flops`` (re-exported here): a run records its count when it finishes, and
+:func:`cached_flops` counts a run that lacks one and keeps it in ``runs/<id>/flops.json``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from fuselab.experiments.profile import flops_per_sample  # noqa: E402
+from fuselab.train.flops import cached_flops, flops_per_sample, write_flops  # noqa: E402,F401  (re-exported)
+from fuselab.train.session import rebuildable  # noqa: E402,F401  (re-exported)
 from fuselab.report.i18n import text  # noqa: E402
 from fuselab.report.style import (  # noqa: E402
     BAND_ALPHA,
@@ -74,83 +75,6 @@ _cjk_font = cjk_font
 # ----------------------------------------------------------------------------------------------
 
 
-def cached_flops(run_dir: str | Path, cfg: Any = None, *, compute: bool = True,
-                 data_cache: dict[str, Any] | None = None) -> float | None:
-    """FLOPs per sample of a finished run, from ``<run_dir>/flops.json`` or counted and stored there.
-
-    Args:
-        run_dir: the run folder (its ``config.yaml`` is read when ``cfg`` is not given).
-        cfg: the run's resolved config, if at hand.
-        compute: count when nothing is cached; with False a missing cache gives None.
-        data_cache: datasets built so far, keyed by their data section (runs share data).
-    """
-    run_dir = Path(run_dir)
-    cache = run_dir / "flops.json"
-    if cache.is_file():
-        try:
-            return float(json.loads(cache.read_text())["flops_per_sample"])
-        except (ValueError, KeyError, TypeError):
-            pass
-    try:  # counted when the run trained
-        recorded = json.loads((run_dir / "metrics.json").read_text()).get("flops")
-        if recorded is not None:
-            return float(recorded)
-    except (OSError, ValueError, TypeError, AttributeError):
-        pass
-    if not compute:
-        return None
-    from omegaconf import OmegaConf
-
-    from fuselab.train.config import make_config
-    from fuselab.train.run import build_data
-
-    if cfg is None:
-        if not (run_dir / "config.yaml").is_file():
-            return None
-        cfg = make_config(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True))
-    elif not hasattr(cfg, "_get_node"):
-        cfg = make_config(dict(cfg))
-    if not rebuildable(cfg):  # a report never runs what a stored config names
-        return None
-    key = json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True) + f"|{cfg.seed}"
-    data = None
-    if data_cache is not None:
-        data = data_cache.get(key)
-        if data is None:
-            data = data_cache[key] = build_data(cfg)
-    flops = flops_per_sample(cfg, data)
-    try:
-        tmp = cache.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"flops_per_sample": flops, "counter": "torch.utils.flop_counter", "mode": "eval"}))
-        tmp.replace(cache)
-    except OSError:  # a read-only store still gets its plot
-        pass
-    return flops
-
-
-def rebuildable(cfg: Any) -> bool:
-    """May a report rebuild the model of a stored config to count its FLOPs? Only when the dataset, model
-    and fusion are registered ids and nothing in it is an import path (``custom-streams`` encoders name
-    arbitrary classes): a stored config in a shared store is data, never code to run."""
-    from omegaconf import OmegaConf
-
-    from fuselab.registry import DATASETS, FUSIONS, MODELS
-
-    container = OmegaConf.to_container(cfg, resolve=True) if hasattr(cfg, "_get_node") else dict(cfg)
-
-    def has_target(value: Any) -> bool:
-        if isinstance(value, dict):
-            return "target" in value or any(has_target(v) for v in value.values())
-        if isinstance(value, list):
-            return any(has_target(v) for v in value)
-        return False
-
-    names = [(DATASETS, (container.get("data") or {}).get("name")), (MODELS, (container.get("model") or {}).get("name")),
-             (FUSIONS, (container.get("fusion") or {}).get("name"))]
-    registered = all(name is None or name in registry.list() for registry, name in names)
-    return registered and not has_target(container.get("model"))
-
-
 def method_flops(frame: pd.DataFrame, *, compute: bool = True) -> dict[str, float]:
     """Median FLOPs per sample per method over its finished runs (methods without a count are left out)."""
     out: dict[str, float] = {}
@@ -162,10 +86,7 @@ def method_flops(frame: pd.DataFrame, *, compute: bool = True) -> dict[str, floa
             value = cached_flops(path, compute=compute and not values, data_cache=data_cache)
             if value is None and values:
                 value = values[0]
-                try:
-                    Path(path, "flops.json").write_text(json.dumps({"flops_per_sample": value, "counter": "torch.utils.flop_counter", "mode": "eval"}))
-                except OSError:
-                    pass
+                write_flops(path, value)
             if value is not None:
                 values.append(value)
         if values:
