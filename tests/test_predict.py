@@ -170,3 +170,15 @@ def test_predict_cli_bad_fold_and_bad_split_are_one_line(mfeat_run, tmp_path, ca
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err
 
+
+
+def test_geotiff_input_gives_a_geotiff_on_its_grid(cva_run, data_root, tmp_path):
+    scene = data_root / "landsat-cd" / "taizhou"
+    georef = read_georef(scene / "2000TM").crop(100, 50)  # a window elsewhere: the output must follow the input
+    for name in ("2000TM", "2003TM"):
+        write_geotiff(tmp_path / f"{name}.tif", read_envi(scene / name)[:, 100:300, 50:350], georef)
+    written = predict_run(cva_run, tmp_path / "out", [f"data.images=[{tmp_path / '2000TM.tif'},{tmp_path / '2003TM.tif'}]"])
+    assert written.georeferenced and written.count == 200 * 300
+    with rasterio.open(tmp_path / "out" / "change_map.tif") as tif:
+        assert tif.shape == (200, 300) and same_transform(georef, tif.transform) and tif.crs.to_epsg() == 32651
+        assert tif.transform.c == 203325.0 + 50 * 30.0 and tif.transform.f == 3604935.0 - 100 * 30.0
