@@ -350,3 +350,24 @@ def test_every_map_fusion_gives_the_same_logits_channels_last(name):
     torch.testing.assert_close(last, plain, rtol=1e-4, atol=1e-5)
     last.sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_a_resumable_state_keeps_the_cuda_random_state_where_dropout_draws_on_cuda(monkeypatch):
+    from fuselab.train.loop import rng_states, set_rng_states
+
+    cuda_state = torch.arange(16, dtype=torch.uint8)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": cuda_state.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append((state, device)))
+    device = torch.device("cuda", 0)
+    saved = rng_states(device)
+    assert torch.equal(saved["cuda_rng"], cuda_state) and torch.equal(saved["torch_rng"], torch.get_rng_state())
+    torch.rand(3)  # moves the CPU state on
+    set_rng_states(saved, device)
+    assert torch.equal(torch.get_rng_state(), saved["torch_rng"])
+    assert len(restored) == 1 and torch.equal(restored[0][0], cuda_state) and restored[0][1] == device
+    on_cpu = rng_states(torch.device("cpu"))
+    assert on_cpu["cuda_rng"] is None
+    set_rng_states(on_cpu, device)  # a state saved on a CPU restores the CPU's only
+    set_rng_states({"torch_rng": on_cpu["torch_rng"]}, device)  # and so does one saved before cuda_rng existed
+    assert len(restored) == 1

@@ -310,7 +310,7 @@ class _Training:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        set_rng_states(state, self.fabric.device)
         best_score, best_loss, best_epoch, best_state = state["best"]
         return _Selection(best_score=best_score, best_loss=best_loss, best_epoch=best_epoch, best_state=best_state,
                           history=state["history"], stale=state["stale"], first_epoch=state["epoch"] + 1)
@@ -320,10 +320,25 @@ class _Training:
         _save_resume_state(path, {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
+            **rng_states(self.fabric.device),
             "best": (selection.best_score, selection.best_loss, selection.best_epoch, selection.best_state),
             "history": selection.history, "stale": selection.stale, "epoch": epoch,
         })
+
+
+def rng_states(device: torch.device) -> dict[str, Tensor | None]:
+    """The global random states a resumed run needs: the CPU's, and the CUDA device's where the model
+    draws its dropout masks on one (None elsewhere)."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"torch_rng": torch.get_rng_state(), "cuda_rng": cuda}
+
+
+def set_rng_states(state: dict[str, Any], device: torch.device) -> None:
+    """Restore :func:`rng_states` (a state saved without ``cuda_rng``, or on another kind of device, restores
+    the CPU's only)."""
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
 
 
 def _test_metrics(model: nn.Module, data: DataBundle, cfg: TrainConfig,
