@@ -371,3 +371,28 @@ def test_a_resumable_state_keeps_the_cuda_random_state_where_dropout_draws_on_cu
     set_rng_states(on_cpu, device)  # a state saved on a CPU restores the CPU's only
     set_rng_states({"torch_rng": on_cpu["torch_rng"]}, device)  # and so does one saved before cuda_rng existed
     assert len(restored) == 1
+
+
+@pytest.mark.parametrize("name, form, build, shapes", [pytest.param(*c, id=f"{c[0]}-{c[1]}") for c in _forward_cases()])
+def test_every_fusion_trains_a_step_under_bf16_autocast(name, form, build, shapes):
+    """``train.precision=bf16-mixed`` for every registered operator: a training step's forward (with modality
+    dropout), loss and backward under autocast mix bfloat16 and float32 tensors without a dtype error, and
+    every parameter that the float32 step reaches gets a finite gradient."""
+    from fuselab.data.corruptions import apply_modality_dropout
+
+    torch.manual_seed(0)
+    model = build().train()
+    x = {m: torch.randn(s) for m, s in shapes.items()}
+    y = torch.tensor([0, 1, 1, 0])
+    grads = {}
+    for precision in ("32-true", "bf16-mixed"):
+        model.zero_grad(set_to_none=True)
+        with autocast(precision, "cpu"):
+            inputs, extra = apply_modality_dropout(model, x, {"a": 0.5, "b": 0.0}, torch.Generator().manual_seed(0))
+            output = model(inputs, **extra)
+            terms = [{"name": "ce"}] + ([{"name": "aux-unimodal"}] if output.modality_logits else [])
+            total, _ = WeightedLoss(terms)(output, y)
+        total.backward()
+        assert torch.isfinite(total)
+        grads[precision] = {n for n, p in model.named_parameters() if p.grad is not None and torch.isfinite(p.grad).all()}
+    assert grads["bf16-mixed"] == grads["32-true"] and grads["32-true"]
