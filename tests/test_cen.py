@@ -355,6 +355,11 @@ def test_cen_names_the_configs_that_exchange_nothing(model, exchange, problem):
         assert found is None
     else:
         assert found is not None and re.match(problem, found), found
+    if model.get("exchanging") is False:
+        assert found == ("model.exchanging=false: CEN then exchanges no channel and each stream sees only its own "
+                         "modality until the ensemble (the no-exchange ablation)")
+    elif problem is not None:
+        assert found.endswith("so CEN exchanges no channel; use a threshold above 0 (the paper's 2e-2)"), found
 
 
 def test_channel_exchange_proximal_step_soft_thresholds_only_the_owned_scales():
@@ -423,3 +428,42 @@ def test_cen_ensemble_of_present_modalities_without_detaching_and_in_low_precisi
     assert ens.heads["a"].weight.grad.abs().sum() > 0 and ens.heads["b"].weight.grad is None  # not detached
     low = {m: v.detach().to(torch.bfloat16) for m, v in logits.items()}
     assert ens.combine(low).dtype == torch.bfloat16  # the weights follow the logits' precision
+
+
+def test_unequal_widths_every_channel_receives_the_mean_of_those_that_have_it():
+    dims = {"a": 4, "b": 6, "c": 8}
+    op = create_fusion("channel-exchange", dims=dims)
+    with torch.no_grad():
+        for m in dims:
+            op.norms[m].weight.zero_()  # every channel of every modality is exchanged
+            op.norms[m].bias.uniform_(-1, 1)
+    xs = _maps(dims)
+    out = op(xs)
+    n = {m: _bn(xs[m], op.norms[m]) for m in dims}
+    for k in range(8):
+        have = {m for m, d in dims.items() if k < d}
+        for m in have:
+            others = sorted(have - {m})
+            expected = torch.stack([n[o][:, k] for o in others]).mean(0) if others else n[m][:, k]
+            torch.testing.assert_close(out[m][:, k], expected, rtol=1e-5, atol=1e-5, msg=f"{m} channel {k}")
+
+
+def test_cen_passes_its_options_to_every_stage():
+    from fuselab.models.cen import CENBlock, CENStem, SparseParallelNorm
+
+    model = cen(dims={"t1": 3, "t2": 3}, num_classes=2, widths=[4, 8], blocks=2, threshold=0.5, proximal_l1=0.3)
+    exchanges = [m for m in model.modules() if hasattr(m, "threshold")]
+    assert len(exchanges) == 3 and all((e.threshold, e.proximal_l1) == (0.5, 0.3) for e in exchanges)
+    off = cen(dims={"t1": 3, "t2": 3}, num_classes=2, widths=[4, 8], exchanging=False, proximal_l1=0.3)
+    twins = [m for m in off.modules() if isinstance(m, SparseParallelNorm)]
+    assert len(twins) == 2 and all(t.proximal_l1 == 0.3 for t in twins)
+    stem = CENStem(["a", "b"], {"a": 3, "b": 3}, 4, shared=True, exchanging=True, threshold=0.02)
+    block = CENBlock(["a", "b"], 4, 8, stride=2, shared=True, exchanging=True, threshold=0.02)
+    assert stem.norm.proximal_l1 == 0.0 and block.norm1.proximal_l1 == 0.0  # off unless asked for
+    for conv, shape, stride in ((stem.conv.conv, (4, 3, 3, 3), 1), (block.conv1.conv, (8, 4, 3, 3), 2),
+                                (block.conv2.conv, (8, 8, 3, 3), 1)):
+        assert conv.weight.shape == shape and conv.bias is None  # the batch norm after it has the shift
+        assert (conv.padding, conv.stride) == ((1, 1), (stride, stride))
+    assert block.project.conv.weight.shape == (8, 4, 1, 1) and block.project.conv.bias is None
+    dense = cen(dims={"t1": 3, "t2": 3}, num_classes=2, widths=[4, 8], dense=True, dropout=0.25)
+    assert all(dense.merge.heads[m].head.dropout.p == 0.25 for m in ("t1", "t2"))
