@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fuselab.registry import DATASETS, FUSIONS, LOSSES, MODELS, Registry
-from fuselab.train.config import ConfigError
+from fuselab.errors import ConfigError
 
 ENTRY_POINT_GROUP = "fuselab.plugins"
 REGISTRIES: dict[str, Registry] = {"fusion": FUSIONS, "model": MODELS, "dataset": DATASETS, "loss": LOSSES}

@@ -165,7 +165,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        from fuselab.train.config import ConfigError
+        from fuselab.errors import ConfigError
 
         raise ConfigError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
     return torch.device(device)
@@ -241,7 +241,7 @@ def profile_spec(spec: Any, *, store: str | Path | None = None, device: str = "a
     """One row per method with :data:`COLUMNS` (see the module's docstring) and ``device``."""
     from omegaconf import OmegaConf
 
-    from fuselab.train.config import ConfigError
+    from fuselab.errors import ConfigError
     from fuselab.train.run import build_data
 
     dev = resolve_device(device)

@@ -78,7 +78,7 @@ def run_tasks(
     try:
         import ray
     except ImportError:
-        from fuselab.train.config import ConfigError
+        from fuselab.errors import ConfigError
 
         raise ConfigError("--backend ray needs Ray: pip install 'fuselab[ray]'") from None
     started = not ray.is_initialized()

@@ -60,7 +60,7 @@ from fuselab.data.core import DataBundle, ModalTensors
 from fuselab.data.corruptions import CORRUPTIONS, corrupt, missing_mask, modality_sigma
 from fuselab.experiments.store import Store
 from fuselab.models.multistream import MultiStream
-from fuselab.train.config import ConfigError
+from fuselab.errors import ConfigError
 
 DEFAULT_LEVELS = tuple(round(i / 10, 1) for i in range(11))  # MultiBench's 0, 0.1, ..., 1
 

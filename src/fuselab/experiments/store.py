@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from fuselab.train.config import ConfigError
+from fuselab.errors import ConfigError
 
 SCHEMA_VERSION = 1
 DB_NAME = "fuselab.sqlite"

@@ -24,7 +24,8 @@ from fuselab.data.core import DataBundle, ModalTensors
 from fuselab.data.corruptions import apply_modality_dropout, dropout_rates
 from fuselab.losses import WeightedLoss
 from fuselab.metrics import classification_metrics, predictions, task_metrics
-from fuselab.train.config import ConfigError, TrainConfig
+from fuselab.errors import ConfigError
+from fuselab.train.config import TrainConfig
 from fuselab.train.optim import freeze_batch_norms, make_optimizer, proximal_modules, proximal_steps
 
 
