@@ -467,3 +467,20 @@ def test_cen_passes_its_options_to_every_stage():
     assert block.project.conv.weight.shape == (8, 4, 1, 1) and block.project.conv.bias is None
     dense = cen(dims={"t1": 3, "t2": 3}, num_classes=2, widths=[4, 8], dense=True, dropout=0.25)
     assert all(dense.merge.heads[m].head.dropout.p == 0.25 for m in ("t1", "t2"))
+
+
+def test_channel_exchange_options_are_checked_with_the_operator_named():
+    for bad in (True, -1, "0.1"):
+        with pytest.raises(ValueError, match=rf"^channel-exchange: threshold must be a number >= 0, got {re.escape(repr(bad))}$"):
+            create_fusion("channel-exchange", dims={"a": 4, "b": 4}, threshold=bad)
+        with pytest.raises(ValueError, match=rf"^channel-exchange: proximal_l1 must be a number >= 0 \(0 = off\), "
+                                             rf"got {re.escape(repr(bad))}$"):
+            create_fusion("channel-exchange", dims={"a": 4, "b": 4}, proximal_l1=bad)
+    zero = create_fusion("channel-exchange", dims={"a": 4, "b": 4}, threshold=0, proximal_l1=0)
+    assert (zero.threshold, zero.proximal_l1) == (0.0, 0.0)  # allowed: nothing is exchanged, nothing is stepped
+    assert not any(mask.any() for mask in zero.exchanged().values())
+    just = create_fusion("channel-exchange", dims={"a": 3, "b": 5, "c": 3})  # width = number of modalities: fine
+    assert just.parts == {"a": (0, 1), "b": (1, 3), "c": (2, 3)}
+    with pytest.raises(ValueError, match=r"^channel-exchange: modality 'a' has 2 channels; each of the 3 modalities "
+                                         r"owns a part of the channels, so every width must be >= 3$"):
+        create_fusion("channel-exchange", dims={"b": 2, "a": 2, "c": 3})
