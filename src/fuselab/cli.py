@@ -349,6 +349,14 @@ def compare_cmd(
             raise SweepInterrupted() from None
     console.print(f"{counts['done']} trained, {counts['cached']} already in the store, {counts['failed']} failed, "
                   f"{time.perf_counter() - start:.0f} s")
+    if sp.evaluate:  # the spec's extra test sets: each done run scored once per set
+        from fuselab.experiments.runner import evaluate_plan
+
+        def on_evaluated(run, name: str, status: str) -> None:
+            console.print(f"evaluate {name}: {run.method} seed {run.seed} {status}", markup=False)
+
+        scored = evaluate_plan(sp, st, plan, on_run=on_evaluated)
+        console.print(f"{sum(scored.values())} evaluations on {', '.join(sp.evaluate)}", markup=False)
     if not _baseline_done(st.root, sp.name, sp.baseline):
         # e.g. --methods without the baseline: the runs are stored, the table waits for the baseline
         console.print(f"no table yet: the baseline '{sp.baseline}' has no finished run; train it with "

@@ -102,7 +102,7 @@ def score_run(run_dir: str | Path, overrides: Sequence[str] = (), *, device: str
             trues.append(part.test.y[keep])
             per_fold.append(_floats(prediction_metrics(data.task, pred, part.test.y, data.num_classes)))
         pred, true = torch.cat(preds), torch.cat(trues)
-        record.update(mode="pooled", n=int(len(true)), folds=per_fold,
+        record.update(mode="pooled", n=int(len(true)), folds=per_fold, correct=(pred == true).numpy(),
                       metrics=_floats(prediction_metrics(data.task, pred, true, data.num_classes)))
         return record
     split = data.test
@@ -110,7 +110,8 @@ def score_run(run_dir: str | Path, overrides: Sequence[str] = (), *, device: str
     target = split.y
     per_fold = [_floats(prediction_metrics(data.task, p.argmax(1), target, data.num_classes)) for p in probs]
     ensemble = torch.stack(probs).mean(0).argmax(1)
-    record.update(mode="ensemble", n=int((target != IGNORE_INDEX).sum()), folds=per_fold,
+    keep = target != IGNORE_INDEX
+    record.update(mode="ensemble", n=int(keep.sum()), folds=per_fold, correct=(ensemble[keep] == target[keep]).numpy(),
                   metrics=_floats(prediction_metrics(data.task, ensemble, target, data.num_classes)))
     if n_models > 1:
         record["single"] = {k: _mean_std([f[k] for f in per_fold]) for k in per_fold[0]}
@@ -125,14 +126,65 @@ def _mean_std(values: Sequence[float]) -> dict[str, float]:
 
 
 def write_evaluation(run_dir: str | Path, name: str, record: dict[str, Any]) -> Path:
-    """Record an evaluation as ``<run>/evaluations/<name>.json`` (atomically; replaces one of the same name)."""
+    """Record an evaluation as ``<run>/evaluations/<name>.json`` (atomically; replaces one of the same name).
+    The record's ``correct`` (whether each scored sample was predicted right, in a fixed order) goes to
+    ``<name>.npz`` beside it, written first: the report's McNemar test pairs it across methods."""
+    import numpy as np
+
     folder = Path(run_dir) / EVALUATIONS
     folder.mkdir(exist_ok=True)
     path = folder / f"{check_name(name)}.json"
+    record = dict(record)
+    correct = record.pop("correct", None)
+    if correct is not None:
+        tmp = folder / f".{name}.{os.getpid()}.npz.tmp"
+        with tmp.open("wb") as f:
+            np.savez_compressed(f, correct=np.asarray(correct, dtype=bool).reshape(-1))
+        os.replace(tmp, folder / f"{name}.npz")
     tmp = folder / f".{name}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
     os.replace(tmp, path)
     return path
+
+
+def read_correct(run_dir: str | Path, name: str) -> Any:
+    """The per-sample correctness of an evaluation (a bool array), or None when it was not recorded."""
+    import numpy as np
+
+    file = Path(run_dir) / EVALUATIONS / f"{name}.npz"
+    if not file.is_file():
+        return None
+    with np.load(file) as data:
+        return data["correct"]
+
+
+def evaluate_runs(runs: Sequence[dict[str, Any]], sets: dict[str, dict[str, Any]], *, device: str = "cpu",
+                  on_run: Callable[[dict[str, Any], str, str], None] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Score every run (``run_id``, ``method``, ``seed``, ``dir``) on each named set of a spec's ``evaluate:``
+    section (name -> dotted overrides), skipping those whose ``<run>/evaluations/<name>.json`` exists.
+    Returns, per name, the rows evaluated now; a set a run cannot be scored on is reported to ``on_run``
+    as ``failed: <reason>`` and the others go on."""
+    from fuselab.train.config import dot_value
+
+    done: dict[str, list[dict[str, Any]]] = {name: [] for name in sets}
+    for name, overrides in sets.items():
+        items = [f"{k}={dot_value(v)}" for k, v in overrides.items()]
+        for run in runs:
+            if (Path(run["dir"]) / EVALUATIONS / f"{name}.json").is_file():
+                continue
+            try:
+                record = score_run(run["dir"], items, device=device)
+            except ConfigError as exc:
+                if on_run:
+                    on_run(run, name, f"failed: {str(exc).splitlines()[0]}")
+                continue
+            record.update(name=name, run_id=run["run_id"], method=run["method"], seed=run["seed"], created=time.time())
+            write_evaluation(run["dir"], name, record)
+            record.pop("correct", None)
+            done[name].append({"method": run["method"], "seed": run["seed"], "run_id": run["run_id"], "record": record})
+            if on_run:
+                on_run(run, name, "done")
+    return done
 
 
 def read_evaluations(run_dir: str | Path) -> dict[str, dict[str, Any]]:
@@ -225,6 +277,7 @@ def evaluate_target(target: str, overrides: Sequence[str] = (), *, store: str | 
             continue
         record.update(name=name, run_id=run["run_id"], method=run["method"], seed=run["seed"], created=time.time())
         write_evaluation(run["dir"], name, record)
+        record.pop("correct", None)  # recorded beside the JSON file; the rows hold what the file holds
         rows.append({"method": run["method"], "seed": run["seed"], "run_id": run["run_id"], "record": record})
         if on_run:
             on_run(run, "done")
@@ -239,6 +292,6 @@ def evaluate_target(target: str, overrides: Sequence[str] = (), *, store: str | 
 
 
 __all__ = [
-    "EVALUATIONS", "EvaluationResult", "evaluate_target", "evaluation_name", "evaluation_overrides", "evaluation_table",
-    "read_evaluations", "score_run", "write_evaluation",
+    "EVALUATIONS", "EvaluationResult", "evaluate_runs", "evaluate_target", "evaluation_name", "evaluation_overrides", "evaluation_table",
+    "read_correct", "read_evaluations", "score_run", "write_evaluation",
 ]

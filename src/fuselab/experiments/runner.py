@@ -471,3 +471,20 @@ def execute_plan(
             else:
                 report(train_one(*args[outcome.run_id]))  # trains it if the owner is gone, else held again
     return outcomes
+
+
+def evaluate_plan(spec: Spec, store: Store, plan: list[PlannedRun], *,
+                  on_run: Callable[[PlannedRun, str, str], None] | None = None) -> dict[str, int]:
+    """After training: score every done run of ``plan`` on each named set of the spec's ``evaluate:`` section
+    (``fuselab.experiments.evaluate``), leaving alone the sets a run already has an evaluation of. Returns
+    how many evaluations ran per set name."""
+    if not spec.evaluate:
+        return {}
+    from fuselab.experiments.evaluate import evaluate_runs
+
+    by_id = {r.run_id: r for r in plan}
+    runs = [{"run_id": r.run_id, "method": r.method, "seed": r.seed, "dir": store.run_dir(r.run_id)}
+            for r in by_id.values() if store.status(r.run_id) == "done"]
+    done = evaluate_runs(runs, spec.evaluate,
+                         on_run=(lambda run, name, status: on_run(by_id[run["run_id"]], name, status)) if on_run else None)
+    return {name: len(rows) for name, rows in done.items()}

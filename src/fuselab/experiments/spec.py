@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import itertools
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,9 @@ SPEC_HELP = {
               "with `trials` trials on validation before its seeds run)",
     "match_params": "true: scale each method's width option until its parameter count is within 5 % of the baseline's",
     "trials": "Optuna trials per method under budget equal-trials (default 20)",
+    "evaluate": "named extra test sets, each a mapping of dotted overrides of the run config (typically `data.*`, "
+                "data the trained weights fit): after training, `fuselab compare` scores every done run on each "
+                "(`<run>/evaluations/<name>.json`) and the report shows one transfer column per set; not part of run ids",
 }
 SPEC_KEYS = tuple(SPEC_HELP)
 BUDGETS = ("equal-epochs", "equal-trials")
@@ -100,6 +104,7 @@ class Spec:
     tuned: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # method -> best overrides
     matched: dict[str, dict[str, Any]] | None = None  # method -> width override, filled on first use
     overrides: list[str] = dataclasses.field(default_factory=list)  # dotted key=value over every method (command line)
+    evaluate: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # test set name -> dotted overrides
 
     def method_overrides(self, name: str) -> dict[str, Any]:
         """A method's overrides of the base: its own, then its matched width, then its tuned values."""
@@ -235,7 +240,7 @@ def parse_spec(
         raise ConfigError(f"spec key 'metric' must be one of {', '.join(METRICS)}, got '{metric}'")
     baseline = _resolve_baseline(raw.get("baseline"), methods, name)
     spec = Spec(name, base, methods, list(seeds), baseline, metric, str(raw.get("description", "")), raw, resolved,
-                **_fairness_options(raw, name))
+                **_fairness_options(raw, name), evaluate=_evaluate_sets(raw.get("evaluate"), base, methods, name))
     if spec.search:
         check_space(spec)  # every search key must be a config key of at least one method
     return spec
@@ -265,6 +270,33 @@ def _methods(raw: dict[str, Any], name: str) -> list[Method]:
     if duplicates:
         raise ConfigError(f"spec '{name}' has two methods named '{duplicates[0]}'; rename a variant")
     return methods
+
+
+def _evaluate_sets(raw: Any, base: dict[str, Any], methods: list[Method], name: str) -> dict[str, dict[str, Any]]:
+    """The spec's ``evaluate:`` section, checked: names safe as file names, each set a mapping of dotted
+    config keys (nested sections are flattened) that gives a valid config over every method."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"spec '{name}': key 'evaluate' must map test set names to overrides, e.g. "
+                          "evaluate: {other-scene: {data.images: [a.hdr, b.hdr]}}")
+    sets: dict[str, dict[str, Any]] = {}
+    for label, body in raw.items():
+        label = str(label)
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=-]{0,99}", label):
+            raise ConfigError(f"spec '{name}': evaluate set name {label!r} must be letters, digits, '.', '_', '=', '-' "
+                              "(up to 100, starting with a letter or digit)")
+        if not isinstance(body, dict) or not body:
+            raise ConfigError(f"spec '{name}': evaluate set '{label}' must be a non-empty mapping of dotted config keys "
+                              "to values, e.g. {data.test_fraction: 0.3}")
+        overrides = _flatten("", body)
+        for method in methods:
+            try:
+                apply_overrides(base, {**method.overrides, **overrides})
+            except ConfigError as exc:
+                raise ConfigError(f"spec '{name}', evaluate set '{label}' (method '{method.name}'): {exc}") from None
+        sets[label] = overrides
+    return sets
 
 
 def check_experiment_name(name: str) -> str:
