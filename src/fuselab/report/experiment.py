@@ -23,7 +23,7 @@ from fuselab.experiments.store import Store
 from fuselab.report.figure import draw_config
 from fuselab.report.i18n import check_lang, column_heading, has_text, text
 from fuselab.report.plots import method_flops, spec_methods, write_plots
-from fuselab.report.tables import LATENCY_SPREAD_LIMIT, summarize, to_csv, to_latex, to_markdown
+from fuselab.report.tables import LATENCY_SPREAD_LIMIT, add_transfer, summarize, to_csv, to_latex, to_markdown
 from fuselab.train.config import ConfigError
 
 
@@ -180,6 +180,51 @@ def _with_profile(summary: pd.DataFrame, store: str | Path, experiment: str) -> 
     return out
 
 
+def transfer_sets(frame: pd.DataFrame, metric: str) -> tuple[dict[str, pd.DataFrame], dict[str, list[tuple[str, int]]]]:
+    """The evaluations of an experiment's finished runs (``<run>/evaluations/<name>.json``, from ``fuselab
+    evaluate`` or the spec's ``evaluate:``) as one frame per set name (``method``, ``seed``, ``metric`` and
+    ``correct`` where recorded), and per name the runs (method, seed) that lack it."""
+    from fuselab.experiments.evaluate import read_correct, read_evaluations
+
+    rows: dict[str, list[dict]] = {}
+    for run in frame[["method", "seed", "path"]].to_dict("records"):
+        for name, record in read_evaluations(run["path"]).items():
+            value = (record.get("metrics") or {}).get(metric)
+            if value is None:
+                continue
+            row = {"method": run["method"], "seed": int(run["seed"]), metric: float(value)}
+            correct = read_correct(run["path"], name)
+            if correct is not None:
+                row["correct"] = correct
+            rows.setdefault(name, []).append(row)
+    sets = {}
+    for name in sorted(rows):
+        part = pd.DataFrame(rows[name])
+        if "correct" in part and part["correct"].isna().any():  # some runs without it: no McNemar test
+            part = part.drop(columns=["correct"])
+        sets[name] = part
+    lacking = {}
+    for name, part in sets.items():
+        have = set(zip(part["method"], part["seed"]))
+        absent = sorted((str(m), int(s)) for m, s in zip(frame["method"], frame["seed"]) if (m, int(s)) not in have)
+        if absent:
+            lacking[name] = absent
+    return sets, lacking
+
+
+def transfer_missing_lines(store: str | Path, experiment: str, lacking: dict[str, list[tuple[str, int]]]) -> list[str]:
+    """What the transfer columns leave out, one line per set, with the command that scores it."""
+    from fuselab.report.commands import command, spec_argument, store_args
+
+    lines = [f"Transfer column '{name}' leaves out {len(runs)} finished run{'s' if len(runs) > 1 else ''} not evaluated "
+             f"on it: {', '.join(f'{m} (seed {s})' for m, s in runs)}." for name, runs in lacking.items()]
+    if lines:
+        spec = spec_argument(store, experiment)
+        lines.append(f"Score them with `{command('compare', spec, *store_args(store))}` (a spec with this `evaluate:` "
+                     f"set) or `fuselab evaluate {experiment} ... --name NAME`.")
+    return lines
+
+
 def _environments(frame: pd.DataFrame) -> list[dict]:
     """The distinct environments the runs recorded (versions, git revision, hardware), with run counts."""
     seen: dict[str, dict] = {}
@@ -226,16 +271,20 @@ def build_report(store: str | Path, experiment: str, *, lang: str = "en", plots:
     frame, metrics = _task_columns(frame)
     summary = summarize(frame, baseline=info["baseline"], metrics=metrics, primary=info["metric"])
     summary = _with_profile(summary, store, experiment)
+    sets, lacking = transfer_sets(frame, info["metric"])
+    if sets:
+        summary = add_transfer(summary, sets, metric=info["metric"])
     seeds = sorted(frame["seed"].unique().tolist())
     caption = _caption(experiment, info["spec"], seeds, metrics=metrics)
     local_caption = _caption(experiment, info["spec"], seeds, lang, metrics=metrics)
-    missing = missing_lines(store, experiment, runs, frame, lang)
+    missing = missing_lines(store, experiment, runs, frame, lang) + transfer_missing_lines(store, experiment, lacking)
     n_compared = int((summary["method"] != info["baseline"]).sum())
     alpha = f"{summary.attrs.get('alpha', 0.05):g}"
     markdown = _localize_markdown(to_markdown(summary, caption=local_caption, missing=missing),
                                   lang, info["baseline"], n_compared, alpha)
     latex = to_latex(summary, caption=caption, label=f"tab:{experiment}",
-                     missing=missing if lang == "en" else missing_lines(store, experiment, runs, frame))
+                     missing=missing if lang == "en" else missing_lines(store, experiment, runs, frame)
+                     + transfer_missing_lines(store, experiment, lacking))
     out = st.report_dir(experiment)
     out.mkdir(parents=True, exist_ok=True)
     suffix = "" if lang == "en" else f".{lang}"

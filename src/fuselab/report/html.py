@@ -70,15 +70,20 @@ def summary_table_html(summary: pd.DataFrame, *, caption: str, lang: str = "en",
     head = [column_heading(h, lang) for h in table_header(summary, metrics=metrics)]
     costs = tables._cost_columns(summary)
     check = tables._has_fusion_check(summary)
-    ranks = {m: tables._ranks(summary[f"{m}_mean"].to_numpy(dtype=float) * 100, 2) for m in metrics}
+    columns = tables._value_columns(summary, metrics)  # the metrics, then the transfer columns
+    ranks = {m: tables._ranks(summary[f"{m}_mean"].to_numpy(dtype=float) * 100, 2) for m in columns}
     rows = []
     for i, r in enumerate(summary.to_dict("records")):
         is_base = r["method"] == baseline
         cells = [f"<td>{_esc(r['method'])}</td>", f"<td>{int(r['n_seeds'])}</td>"]
-        for m in metrics:
+        for m in columns:
             cls = {1: ' class="best"', 2: ' class="second"'}.get(int(ranks[m][i]), "")
-            spread = f"({ONE_SEED})" if int(r["n_seeds"]) == 1 else f"± {_pct(r[f'{m}_std'])}"
-            cells.append(f"<td{cls}>{_pct(r[f'{m}_mean'])} {spread}</td>")
+            spread = f"({ONE_SEED})" if tables._cell_seeds(r, m) == 1 else f"± {_pct(r[f'{m}_std'])}"
+            value = _pct(r[f"{m}_mean"])
+            mark = tables._transfer_mark(r, m)
+            mark = {UP_MARK: f' <span class="up">{UP_MARK}</span>',
+                    DOWN_MARK: f' <span class="down">{DOWN_MARK}</span>'}.get(mark, "")
+            cells.append(f"<td{cls}>{value} {spread}{mark}</td>" if value != "–" else "<td>–</td>")
             ci = r[f"{m}_ci"]
             cells.append(f"<td>{'–' if ci is None or math.isnan(ci) else f'±{ci * 100:.2f}'}</td>")
         cells.append(f"<td>{_esc(tables._fmt_params(r.get('params', math.nan)))}</td>")
@@ -100,6 +105,8 @@ def summary_table_html(summary: pd.DataFrame, *, caption: str, lang: str = "en",
         rows.append(f'<tr{" class=baseline" if is_base else ""}>{"".join(cells)}</tr>')
     n = int((summary["method"] != baseline).sum())
     notes = [text("md_values", lang, baseline=baseline), text("md_marks", lang, alpha=f"{summary.attrs.get('alpha', 0.05):g}", n=n)]
+    if tables._transfers(summary):
+        notes.append(tables._transfer_note(summary, f"{summary.attrs.get('alpha', 0.05):g}"))
     if tables._has_one_seed(summary):
         notes.append(text("one_seed_note", lang))
     if tables._has_latency_spread(summary, costs):

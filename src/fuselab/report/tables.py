@@ -23,7 +23,7 @@ from fuselab.experiments.profile import LATENCY_SPREAD_LIMIT  # measured there, 
 from fuselab.report.fusion_check import fusion_check, fusion_note
 from fuselab.report.stats import holm, mcnemar, mean_ci, paired_ttest
 
-__all__ = ["LATEX_PACKAGES", "summarize", "table_header", "to_csv", "to_latex", "to_markdown", "unsteady_latencies"]
+__all__ = ["LATEX_PACKAGES", "TRANSFER", "add_transfer", "summarize", "table_header", "to_csv", "to_latex", "to_markdown", "unsteady_latencies"]
 
 DEFAULT_METRICS: tuple[str, ...] = ("accuracy", "macro_f1")
 
@@ -182,6 +182,92 @@ def summarize(
     return summary
 
 
+TRANSFER = "transfer:"  # prefix of a transfer column's statistics in a summary: ``transfer:<name>_mean`` ...
+
+
+def add_transfer(summary: pd.DataFrame, sets: dict[str, pd.DataFrame], *, metric: str) -> pd.DataFrame:
+    """The summary with one transfer column per named extra test set: ``metric`` on that set per run.
+
+    Each frame of ``sets`` has one row per evaluated run (``method``, ``seed``, ``metric`` and optionally
+    ``correct``); it is summarised by :func:`summarize` itself, so a transfer column has the main column's
+    statistics (mean, std, 95 % CI over its seeds) and tests against the baseline (paired t-test, McNemar,
+    both Holm-corrected across the methods, ``better``/``worse`` at the summary's alpha). They are stored as
+    ``transfer:<name>_<field>`` (fields ``mean std ci n delta p_ttest_holm p_mcnemar_holm better worse``).
+    A method without an evaluation of a set has nan there; without the baseline's, no test is made.
+    ``attrs["transfer"]`` lists the set names, ``attrs["transfer_metric"]`` the metric."""
+    out = summary.copy()
+    baseline = str(summary.attrs.get("baseline", summary["method"].iloc[0]))
+    alpha = float(summary.attrs.get("alpha", 0.05))
+    names = []
+    for name, frame in sets.items():
+        frame = frame[frame["method"].isin(set(summary["method"]))]
+        if frame.empty:
+            continue
+        if baseline in set(frame["method"]):
+            try:
+                part = summarize(frame, baseline=baseline, metrics=[metric], primary=metric, alpha=alpha)
+            except ValueError:  # test sets of one seed not aligned across methods: no McNemar test
+                part = summarize(frame.drop(columns=["correct"], errors="ignore"), baseline=baseline,
+                                 metrics=[metric], primary=metric, alpha=alpha)
+        else:  # statistics without tests
+            part = summarize(frame.drop(columns=["correct"], errors="ignore"), baseline=str(frame["method"].iloc[0]),
+                             metrics=[metric], primary=metric, alpha=alpha)
+            for col in ("delta", "p_ttest_holm", "p_mcnemar_holm"):
+                part[col] = math.nan
+            part["better"] = part["worse"] = False
+        part = part.set_index("method")
+        fields = {"mean": f"{metric}_mean", "std": f"{metric}_std", "ci": f"{metric}_ci", "n": "n_seeds",
+                  "delta": "delta", "p_ttest_holm": "p_ttest_holm", "p_mcnemar_holm": "p_mcnemar_holm",
+                  "better": "better", "worse": "worse"}
+        for field, col in fields.items():
+            values = out["method"].map(part[col])
+            out[f"{TRANSFER}{name}_{field}"] = values.fillna(False).astype(bool) if field in ("better", "worse") else values
+        names.append(name)
+    out.attrs.update(summary.attrs)
+    out.attrs.update(transfer=tuple(names), transfer_metric=metric)
+    return out
+
+
+def _transfers(summary: pd.DataFrame) -> list[str]:
+    """The transfer columns of a summary, as the prefixes of their statistics (``transfer:<name>``)."""
+    return [f"{TRANSFER}{name}" for name in summary.attrs.get("transfer", ())]
+
+
+def _value_columns(summary: pd.DataFrame, metrics: Sequence[str]) -> list[str]:
+    """The columns that show a mean ± std: the metrics, then the transfer columns."""
+    return [*metrics, *_transfers(summary)]
+
+
+def _column_label(summary: pd.DataFrame, column: str) -> str:
+    if column.startswith(TRANSFER):
+        return f"{column[len(TRANSFER):]}: {_metric_label(str(summary.attrs.get('transfer_metric', 'accuracy')))}"
+    return _metric_label(column)
+
+
+def _cell_seeds(r: dict[str, Any], column: str) -> float:
+    """The number of seeds behind a cell (a transfer column has its own)."""
+    n = r.get(f"{column}_n") if column.startswith(TRANSFER) else r["n_seeds"]
+    return math.nan if n is None or pd.isna(n) else float(n)
+
+
+def _transfer_mark(r: dict[str, Any], column: str) -> str:
+    """▲/▼ for a transfer cell whose set's tests find the method better/worse than the baseline."""
+    if not column.startswith(TRANSFER):
+        return ""
+    return UP_MARK if r.get(f"{column}_better") else DOWN_MARK if r.get(f"{column}_worse") else ""
+
+
+def _transfer_note(summary: pd.DataFrame, alpha: str) -> str:
+    """The note under a table with transfer columns (empty without)."""
+    names = summary.attrs.get("transfer", ())
+    if not names:
+        return ""
+    metric = _metric_label(str(summary.attrs.get("transfer_metric", "accuracy")))
+    return (f"Transfer columns ({', '.join(names)}): {metric} of the same runs on the spec's extra test sets "
+            f"(`evaluate:`), mean ± std over the seeds evaluated; {UP_MARK}/{DOWN_MARK} in a cell: the same tests "
+            f"against the baseline on that set (paired t-test and McNemar's test, both p < {alpha} after Holm).")
+
+
 # ----------------------------------------------------------------------------------------------
 # rendering helpers
 # ----------------------------------------------------------------------------------------------
@@ -292,8 +378,8 @@ def table_header(summary: pd.DataFrame, *, metrics: Sequence[str] | None = None,
     unit = " (%)" if percent else ""
     primary = summary.attrs.get("primary", metrics[0])
     header = ["Method", "Seeds"]
-    for metric in metrics:
-        header.append(f"{_metric_label(metric)}{unit}")
+    for metric in _value_columns(summary, metrics):
+        header.append(f"{_column_label(summary, metric)}{unit}")
         if show_ci:
             header.append("±CI")
     header += ["Params", *(label for _, label, _ in _cost_columns(summary)),
@@ -365,21 +451,24 @@ def to_markdown(
     header = table_header(summary, metrics=metrics, percent=percent, show_ci=show_ci)
     costs = _cost_columns(summary)
     check = _has_fusion_check(summary)
-    align = [":---", "---:", *["---:"] * (len(metrics) * (2 if show_ci else 1) + 1 + len(costs) + 1), ":---:",
+    columns = _value_columns(summary, metrics)
+    align = [":---", "---:", *["---:"] * (len(columns) * (2 if show_ci else 1) + 1 + len(costs) + 1), ":---:",
              *([":---"] if check else [])]
 
-    ranks = {m: _ranks(summary[f"{m}_mean"].to_numpy(dtype=float) * scale, decimals) for m in metrics}
+    ranks = {m: _ranks(summary[f"{m}_mean"].to_numpy(dtype=float) * scale, decimals) for m in columns}
     lines = [*(f"> {_md_escape(line)}" for line in missing), *([""] if missing else []),
              caption, "", "| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     for i, row in enumerate(summary.itertuples(index=False)):
         r = dict(zip(summary.columns, row))
         is_base = r["method"] == baseline
         cells = [_md_escape(r["method"]), str(int(r["n_seeds"]))]
-        for metric in metrics:
+        for metric in columns:
             mean = _fmt(r[f"{metric}_mean"] * scale, decimals)
-            spread = f"({ONE_SEED})" if _one_seed(r) else f"± {_fmt(r[f'{metric}_std'] * scale, decimals)}"
-            text = f"{mean} {spread}"
-            cells.append(f"**{text}**" if ranks[metric][i] == 1 else text)
+            spread = f"({ONE_SEED})" if _cell_seeds(r, metric) == 1 else f"± {_fmt(r[f'{metric}_std'] * scale, decimals)}"
+            text = f"{mean} {spread}" if mean != "–" else mean
+            text = f"**{text}**" if ranks[metric][i] == 1 else text
+            mark = _transfer_mark(r, metric)
+            cells.append(f"{text} {mark}" if mark else text)
             if show_ci:
                 ci = r[f"{metric}_ci"]
                 cells.append("–" if np.isnan(ci) else f"±{ci * scale:.{decimals}f}")
@@ -410,6 +499,8 @@ def to_markdown(
         f"McNemar's test on pooled test predictions both p < {_alpha_text(summary)} after Holm "
         f"correction across {_plural(n, 'method')}.",
     ]
+    if _transfers(summary):
+        lines += ["", _transfer_note(summary, _alpha_text(summary))]
     if _has_one_seed(summary):
         lines += ["", ONE_SEED_NOTE]
     if _has_latency_spread(summary, costs):
@@ -484,11 +575,12 @@ def to_latex(
     scale, decimals = (100.0, 2) if percent else (1.0, 4)
     unit = r" (\%)" if percent else ""
 
-    ranks = {m: _ranks(summary[f"{m}_mean"].to_numpy(dtype=float) * scale, decimals) for m in metrics}
+    columns = _value_columns(summary, metrics)
+    ranks = {m: _ranks(summary[f"{m}_mean"].to_numpy(dtype=float) * scale, decimals) for m in columns}
     costs = _cost_columns(summary)
     check = _has_fusion_check(summary)
-    colspec = "l" + "c" * len(metrics) + "r" * (1 + len(costs)) + ("l" if check else "")
-    header = ["Method", *(f"{latex_escape(_metric_label(m))}{unit}" for m in metrics), "Params",
+    colspec = "l" + "c" * len(columns) + "r" * (1 + len(costs)) + ("l" if check else "")
+    header = ["Method", *(f"{latex_escape(_column_label(summary, m))}{unit}" for m in columns), "Params",
               *(latex_escape(label) for _, label, _ in costs), *(["Fusion check"] if check else [])]
     lines = [
         "% requires " + ", ".join(rf"\usepackage{{{p}}}" for p in LATEX_PACKAGES[:-1])
@@ -515,14 +607,18 @@ def to_latex(
         elif r["worse"]:
             name += r"$^\blacktriangledown$"
         cells = [name]
-        for metric in metrics:
+        for metric in columns:
             mean = _fmt(r[f"{metric}_mean"] * scale, decimals)
             std = _fmt(r[f"{metric}_std"] * scale, decimals)
+            if mean == "–":
+                cells.append("--")
+                continue
             if ranks[metric][i] == 1:
                 mean = rf"\textbf{{{mean}}}"
             elif ranks[metric][i] == 2:
                 mean = rf"\underline{{{mean}}}"
-            cells.append(rf"{mean} ($n = 1$)" if _one_seed(r) else rf"{mean} $\pm$ {std}")
+            mark = {UP_MARK: r"$^\blacktriangle$", DOWN_MARK: r"$^\blacktriangledown$"}.get(_transfer_mark(r, metric), "")
+            cells.append((rf"{mean} ($n = 1$)" if _cell_seeds(r, metric) == 1 else rf"{mean} $\pm$ {std}") + mark)
         cells.append(_fmt_params(r.get("params", math.nan)))
         cells += [_fmt_cost_cell(r, col, kind, dash="--") for col, _, kind in costs]
         if check:
@@ -538,6 +634,9 @@ def to_latex(
         rf"predictions both $p < {_alpha_text(summary)}$ after Holm correction across "
         rf"{_plural(n, 'method')}."
     )
+    if _transfers(summary):
+        note += " " + re.sub(r"`([^`]*)`", r"\\texttt{\1}", latex_escape(_transfer_note(summary, _alpha_text(summary)))
+                             .replace(UP_MARK, r"$^\blacktriangle$").replace(DOWN_MARK, r"$^\blacktriangledown$"))
     if _has_one_seed(summary):
         note += r" $n = 1$: a single seed, so no std is shown (not a zero variance)."
     if _has_latency_spread(summary, costs):
