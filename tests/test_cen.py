@@ -476,6 +476,10 @@ def test_channel_exchange_options_are_checked_with_the_operator_named():
         with pytest.raises(ValueError, match=rf"^channel-exchange: proximal_l1 must be a number >= 0 \(0 = off\), "
                                              rf"got {re.escape(repr(bad))}$"):
             create_fusion("channel-exchange", dims={"a": 4, "b": 4}, proximal_l1=bad)
+    default = create_fusion("channel-exchange", dims={"a": 4, "b": 4})
+    before = default.norms["a"].weight.detach().clone()
+    default.proximal_step(10.0)  # no proximal step unless asked for: the scales stay at 1
+    assert default.proximal_l1 == 0.0 and torch.equal(default.norms["a"].weight, before)
     zero = create_fusion("channel-exchange", dims={"a": 4, "b": 4}, threshold=0, proximal_l1=0)
     assert (zero.threshold, zero.proximal_l1) == (0.0, 0.0)  # allowed: nothing is exchanged, nothing is stepped
     assert not any(mask.any() for mask in zero.exchanged().values())
