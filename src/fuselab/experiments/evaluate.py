@@ -20,8 +20,10 @@ class for change detection; accuracy and macro-F1 for classification.
 
 Each evaluation is recorded beside the run it scores, as ``<run>/evaluations/<name>.json`` (written to a
 temporary file and renamed, so a reader never sees half a file; the run's own files are never changed): the
-overrides, the resolved data section, the number of scored samples and the metrics. The name is given
-(``--name``) or made from the overrides. For an experiment, ``<store>/<experiment>/report/evaluate-<name>.md``
+overrides, the resolved data section, the number of scored samples and the metrics; ``<name>.npz`` beside it
+holds which samples were predicted right (for the report's McNemar test). The name is given (``--name``) or
+made from the overrides; a spec's ``evaluate:`` sets are scored after training by ``fuselab compare``
+(:func:`evaluate_runs`), each run once per set. For an experiment, ``<store>/<experiment>/report/evaluate-<name>.md``
 holds the table: mean +- std over seeds per method.
 """
 
