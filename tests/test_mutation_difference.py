@@ -203,3 +203,24 @@ def test_tfi_of_three_modalities_with_one_group_norms():
     fused = _cnr(torch.cat(enhanced, dim=1), op.conv_cat)
     torch.testing.assert_close(op(xs), _cnr(d + fused, op.conv_out), rtol=1e-10, atol=1e-10)
     assert create_fusion("tfi", dims=dims).batch_norm
+
+
+@pytest.mark.parametrize(("name", "cls"), [("diff", "Diff"), ("abs-diff", "AbsDiff"), ("concat-diff", "ConcatDiff"),
+                                           ("tfi", "TemporalFeatureInteraction")])
+def test_out_dim_is_checked_by_every_difference_merge(name, cls):
+    for bad in (0, -2, True):
+        with _raises(f"{cls}: out_dim must be a positive integer or None, got {bad!r}"):
+            create_fusion(name, dims={"a": C, "b": C}, out_dim=bad)
+
+
+def test_the_order_of_diff_is_checked_with_its_name():
+    with _raises("diff: order ['a', 'a'] must list each modality exactly once; modalities are ['a', 'b']"):
+        create_fusion("diff", dims={"a": C, "b": C}, order=["a", "a"])
+
+
+@pytest.mark.parametrize("name", ["concat-diff", "tfi"])
+def test_a_5x5_kernel_keeps_the_map_size(name):
+    op = create_fusion(name, dims={"a": C, "b": C}, kernel_size=5).double().eval()
+    convs = [m for m in op.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (5, 5)]
+    assert convs and all(m.padding == (2, 2) for m in convs)
+    assert op(_maps({"a": C, "b": C}, seed=4)).shape == (B, C, H, W)
