@@ -208,3 +208,14 @@ def test_wrapping_exchange_needs_two_modalities_of_equal_depth():
         Wrap([[nn.Identity()], [nn.Identity()]])
     with _raises("Wrap: every modality needs the same number of layers, got {'a': 1, 'b': 2}"):
         Wrap({"a": [nn.Identity()], "b": [nn.Identity(), nn.Identity()]})
+
+
+def test_fusion_info_as_a_dict_has_every_field():
+    from fuselab import fusion_info
+
+    info = fusion_info("concat")
+    d = info.as_dict()
+    assert list(d) == ["id", "contract", "kind", "forms", "multimodal_rule", "supports_missing", "natural_out_dim",
+                       "paper", "reference", "formula", "asymmetric", "produces_logits", "options"]
+    assert (d["id"], d["contract"], d["kind"], d["forms"]) == ("concat", "merge", "merge", ("vector", "tokens", "map"))
+    assert d["options"] == info.options and d["paper"] == info.paper
