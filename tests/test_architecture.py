@@ -51,3 +51,14 @@ def test_config_error_is_one_class_everywhere():
     assert config.ConfigError is ConfigError is fuselab.ConfigError
     with pytest.raises(ConfigError, match="unknown config section 'base'"):
         config.make_config({"base": {}})
+
+
+def test_the_command_line_holds_no_sql_and_no_list_of_model_ids():
+    """The CLI asks the store (``Store.done_ids``) and the registry (a builder's ``own_fusion``) instead of
+    holding SQL or a hard-coded list of models."""
+    from fuselab.registry import MODELS
+
+    source = (ROOT / "src" / "fuselab" / "cli.py").read_text()
+    assert "SELECT" not in source and "sqlite3.connect" not in source
+    assert '"cen", "cva"' not in source
+    assert [m for m in MODELS.list() if getattr(MODELS.get(m), "own_fusion", False)] == ["cen", "cva"]

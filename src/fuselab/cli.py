@@ -26,7 +26,6 @@ errors = Console(stderr=True, soft_wrap=True)
 DEFAULT_STORE = Path("runs")
 PLUGIN_OPTION = typer.Option(None, "--plugin", help="a plugin .py file or module to load first (repeatable)")
 DEFAULT_SPEC = "mfeat-compare"
-OWN_FUSION_MODELS = ("cen", "cva")  # models whose fusion is built in; their fusion section is not used
 
 
 METHODS_HELP = "only these methods (comma-separated)"
@@ -143,7 +142,9 @@ def run_cmd(
         shutil.rmtree(run_dir)
     epochs = int(cfg.train.epochs)
     what = f"{cfg.fusion.name} on {cfg.data.name} with {cfg.model.name}"
-    if cfg.model.name in OWN_FUSION_MODELS:
+    from fuselab.registry import MODELS
+
+    if getattr(MODELS.get(cfg.model.name), "own_fusion", False):  # cen, cva: the fusion section is unused
         what = f"{cfg.model.name} on {cfg.data.name}"
     console.print(f"[bold]run[/] {what}, seed {cfg.seed} -> {run_dir}")
     with Progress(TextColumn("epoch"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
@@ -419,11 +420,7 @@ def _print_plan(sp, st, jobs: int, wanted: list[str] | None = None) -> None:
     if st.exists():  # a dry run never creates a store
         import sqlite3
 
-        with st.connect() as conn:
-            try:
-                done = {r[0] for r in conn.execute("SELECT id FROM runs WHERE status='done'")}
-            except sqlite3.Error:
-                done = set()
+        done = st.done_ids()
         try:
             store_runs = st.experiment_runs(sp.name)
         except sqlite3.Error:

@@ -308,6 +308,14 @@ class Store:
 
     # -- claiming and finishing runs ----------------------------------------------------------------
 
+    def done_ids(self) -> set[str]:
+        """The ids of every done run in the store (empty for a store whose tables are not created yet)."""
+        try:
+            with self.connect() as conn:
+                return {r[0] for r in conn.execute("SELECT id FROM runs WHERE status='done'")}
+        except sqlite3.Error:
+            return set()
+
     def status(self, run_id: str) -> str | None:
         """The run's status (``missing`` for a done run whose folder is gone), None for an unknown id."""
         with self.connect() as conn:

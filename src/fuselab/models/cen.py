@@ -318,3 +318,4 @@ cen.fusion_problem = fusion_problem  # type: ignore[attr-defined]  # read by the
 
 
 __all__ = ["CENBlock", "CENEnsemble", "CENStages", "CENStem", "DenseModalityHead", "ParallelConv", "ParallelNorm", "SparseParallelNorm", "cen"]
+cen.own_fusion = True  # type: ignore[attr-defined]  # its fusion is built in: the config's fusion section is unused

@@ -110,3 +110,4 @@ def cva(
 
 
 __all__ = ["ChangeVectorAnalysis", "cva", "otsu_threshold", "standardise_bands"]
+cva.own_fusion = True  # type: ignore[attr-defined]  # no learned fusion: the config's fusion section is unused
