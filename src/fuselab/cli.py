@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fuselab.errors import ConfigError
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -70,7 +72,6 @@ def list_cmd(
     from fuselab.api import fusion_info
     from fuselab.experiments.spec import shipped_specs
     from fuselab.registry import DATASETS, FUSIONS, LOSSES, MODELS
-    from fuselab.train.config import ConfigError
 
     registries = {"fusions": FUSIONS, "models": MODELS, "datasets": DATASETS, "losses": LOSSES}
     if what == "specs":
@@ -133,8 +134,6 @@ def run_cmd(
     run_dir = out / run_id(cfg)
     if rank_zero and run_dir.exists():  # the same config and seed: never replaced silently
         if not force:
-            from fuselab.train.config import ConfigError
-
             raise ConfigError(f"run folder '{run_dir}' exists (same config and seed); pass --force to train again "
                               "and replace it, or --out to write elsewhere")
         import shutil
@@ -166,7 +165,6 @@ def run_cmd(
                 import shutil
 
                 shutil.rmtree(created, ignore_errors=True)
-            from fuselab.train.config import ConfigError
             from fuselab.train.loop import NonFiniteLossError
 
             if isinstance(exc, (MemoryError, RuntimeError)) and _out_of_memory(exc):
@@ -293,12 +291,8 @@ def compare_cmd(
     from fuselab.experiments.store import Store
 
     if backend not in ("local", "ray"):
-        from fuselab.train.config import ConfigError
-
         raise ConfigError(f"--backend must be local or ray, got '{backend}'")
     if jobs is not None and jobs < 1:
-        from fuselab.train.config import ConfigError
-
         raise ConfigError(f"--jobs must be at least 1, got {jobs} (leave it out to use every core)")
     sp = load_spec(spec, plugins=plugin or [])
     sp.overrides = list(overrides or [])  # over every method, as `fuselab run` applies them; checked by the plan
@@ -401,8 +395,6 @@ def _unknown_method(option: str, name: str, spec: str, known: list[str]) -> Exce
     """The one-line error for a method name that the spec does not have, with the closest names."""
     import difflib
 
-    from fuselab.train.config import ConfigError
-
     close = difflib.get_close_matches(name, known, n=2, cutoff=0.5)
     hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
     return ConfigError(f"{option}: '{name}' is not a method of {spec}; {hint}methods are {', '.join(known)}")
@@ -494,8 +486,6 @@ def tune_cmd(
 
     sp = load_spec(spec, plugins=plugin or [])
     if not sp.search:
-        from fuselab.train.config import ConfigError
-
         raise ConfigError(f"spec '{sp.name}' has no search block; add e.g. search: {{train.lr: {{loguniform: [1.0e-4, 1.0e-2]}}}}")
     method = _method_names(methods, method, sp)
     url = storage or default_storage(store, sp.name)
@@ -554,8 +544,6 @@ def profile_cmd(
 
     profile_dir(store, sp.name).mkdir(parents=True, exist_ok=True)  # an unwritable store fails here, named
     if repeat < 1 or warmup < 0:
-        from fuselab.train.config import ConfigError
-
         raise ConfigError("--repeat must be at least 1 and --warmup at least 0")
     with RunProgress(len(method or sp.methods), label="profile") as progress:
         frame = profile_spec(sp, store=store, device=device, threads=threads, repeat=repeat, warmup=warmup,
@@ -598,8 +586,6 @@ def robustness_cmd(
     import numpy as np
 
     from fuselab.experiments.robustness import RobustnessSettings, run_robustness
-    from fuselab.train.config import ConfigError
-
     try:
         if ":" in levels:
             start, stop, step = (float(v) for v in levels.split(":"))
@@ -699,7 +685,7 @@ def figure_cmd(
 
     from fuselab.plugins import load_plugins
     from fuselab.report.figure import draw_config
-    from fuselab.train.config import ConfigError, make_config, read_yaml
+    from fuselab.train.config import make_config, read_yaml
 
     load_plugins(plugin or [])
     items = list(overrides or [])
@@ -760,8 +746,6 @@ _RUN_FILTERS = {
 
 def _select(store: Path, experiment, status, prefix):
     from fuselab.experiments.store import Store
-    from fuselab.train.config import ConfigError
-
     from fuselab.experiments.store import MISSING, STATUSES
 
     if status is not None and status not in (*STATUSES, MISSING):
@@ -859,8 +843,6 @@ def _inside(path: str | Path, folder: str | Path) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors are one line on stderr and exit code 2, never a traceback."""
-    from fuselab.train.config import ConfigError
-
     try:
         from fuselab.plugins import load_entry_points
 

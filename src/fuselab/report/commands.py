@@ -62,7 +62,7 @@ def spec_argument(store: str | Path, experiment: str) -> str:
         import yaml
 
         from fuselab.experiments.store import Store
-        from fuselab.train.config import ConfigError
+        from fuselab.errors import ConfigError
 
         st = Store(store)
         if not st.exists():

@@ -24,7 +24,7 @@ from fuselab.report.figure import draw_config
 from fuselab.report.i18n import check_lang, column_heading, has_text, text
 from fuselab.report.plots import method_flops, spec_methods, write_plots
 from fuselab.report.tables import LATENCY_SPREAD_LIMIT, add_transfer, summarize, to_csv, to_latex, to_markdown
-from fuselab.train.config import ConfigError
+from fuselab.errors import ConfigError
 
 
 @dataclasses.dataclass

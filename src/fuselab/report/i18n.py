@@ -207,7 +207,7 @@ def has_text(key: str) -> bool:
 
 def check_lang(lang: str) -> str:
     if lang not in LANGS:
-        from fuselab.train.config import ConfigError
+        from fuselab.errors import ConfigError
 
         raise ConfigError(f"unknown language '{lang}'; choose one of: {', '.join(LANGS)}")
     return lang

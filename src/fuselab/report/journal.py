@@ -19,7 +19,7 @@ import pandas as pd
 from fuselab.experiments.store import Store
 from fuselab.report.commands import command, spec_argument, store_args
 from fuselab.report.i18n import check_lang, text
-from fuselab.train.config import ConfigError
+from fuselab.errors import ConfigError
 
 __all__ = ["build_journal", "parse_since"]
 
