@@ -34,7 +34,6 @@ from fuselab.report.i18n import text  # noqa: E402
 from fuselab.report.style import (  # noqa: E402
     BAND_ALPHA,
     COLUMN_WIDTH,
-    MARKERS,
     PALETTE,
     PAPER_RC,
     TEXT_WIDTH,
@@ -70,11 +69,6 @@ _style_for = style_for
 _cjk_font = cjk_font
 
 
-# ----------------------------------------------------------------------------------------------
-# FLOPs
-# ----------------------------------------------------------------------------------------------
-
-
 def method_flops(frame: pd.DataFrame, *, compute: bool = True) -> dict[str, float]:
     """Median FLOPs per sample per method over its finished runs (methods without a count are left out)."""
     out: dict[str, float] = {}
@@ -97,10 +91,6 @@ def method_flops(frame: pd.DataFrame, *, compute: bool = True) -> dict[str, floa
 # ----------------------------------------------------------------------------------------------
 # plots
 # ----------------------------------------------------------------------------------------------
-
-
-def _style_for(i: int) -> dict[str, Any]:
-    return {"color": PALETTE[i % len(PALETTE)], "marker": MARKERS[(i // len(PALETTE)) % len(MARKERS)]}
 
 
 def _human(value: float) -> str:
