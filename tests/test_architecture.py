@@ -62,3 +62,17 @@ def test_the_command_line_holds_no_sql_and_no_list_of_model_ids():
     assert "SELECT" not in source and "sqlite3.connect" not in source
     assert '"cen", "cva"' not in source
     assert [m for m in MODELS.list() if getattr(MODELS.get(m), "own_fusion", False)] == ["cen", "cva"]
+
+
+def test_reading_a_spec_loads_neither_lightning_nor_matplotlib():
+    """Checking a spec (every method's config, the trackers it names) stays light: a read-only store is
+    refused before Lightning, torchmetrics or matplotlib (which wants a writable config folder) load."""
+    code = (
+        "import sys\n"
+        "from fuselab.experiments.spec import load_spec\n"
+        "load_spec('mfeat-compare').plan()\n"
+        "print([m for m in ('lightning_fabric', 'torchmetrics', 'matplotlib') if m in sys.modules])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

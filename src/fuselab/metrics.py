@@ -17,11 +17,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.functional.classification import (
-    multiclass_accuracy,
-    multiclass_confusion_matrix,
-    multiclass_f1_score,
-)
 
 from fuselab.data.core import IGNORE_INDEX, TASKS
 
@@ -46,17 +41,25 @@ def labelled(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     return flat_logits[keep], flat_target[keep]
 
 
-def classification_metrics(logits: Tensor, target: Tensor, num_classes: int) -> dict[str, Tensor]:
-    pred = logits.argmax(1)
+def _classes(pred: Tensor, target: Tensor, num_classes: int) -> dict[str, Tensor]:
+    """Accuracy and macro-F1 of predicted classes (torchmetrics, imported on first use: it loads matplotlib)."""
+    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+
     return {
         "accuracy": multiclass_accuracy(pred, target, num_classes=num_classes, average="micro"),
         "macro_f1": multiclass_f1_score(pred, target, num_classes=num_classes, average="macro"),
-        "loss": F.cross_entropy(logits, target),
     }
+
+
+def classification_metrics(logits: Tensor, target: Tensor, num_classes: int) -> dict[str, Tensor]:
+    pred = logits.argmax(1)
+    return {**_classes(pred, target, num_classes), "loss": F.cross_entropy(logits, target)}
 
 
 def _confusion_metrics(task: str, pred: Tensor, target: Tensor, num_classes: int) -> dict[str, Tensor]:
     """The dense tasks' metrics from one confusion matrix (rows: reference, columns: prediction)."""
+    from torchmetrics.functional.classification import multiclass_confusion_matrix
+
     cm = multiclass_confusion_matrix(pred, target, num_classes=num_classes).double()
     total = cm.sum().clamp_min(1)
     tp = cm.diagonal()
@@ -82,10 +85,7 @@ def prediction_metrics(task: str, pred: Tensor, target: Tensor, num_classes: int
     keep = target != IGNORE_INDEX
     pred, target = pred[keep], target[keep]
     if task == "classification":
-        return {
-            "accuracy": multiclass_accuracy(pred, target, num_classes=num_classes, average="micro"),
-            "macro_f1": multiclass_f1_score(pred, target, num_classes=num_classes, average="macro"),
-        }
+        return _classes(pred, target, num_classes)
     return _confusion_metrics(task, pred, target, num_classes)
 
 

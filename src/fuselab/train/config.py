@@ -306,7 +306,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.train.lr <= 0:
         raise ConfigError(f"config key 'train.lr' must be positive, got {cfg.train.lr}")
     _check_optimizer(cfg.train)
-    from fuselab.train.loggers import check_loggers  # imports this module
+    from fuselab.train.trackers import check_loggers
 
     check_loggers(cfg.train)
 

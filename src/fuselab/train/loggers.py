@@ -18,7 +18,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import csv
-import importlib.util
 import json
 import logging
 import re
@@ -31,9 +30,8 @@ from lightning_fabric.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning_fabric.utilities.rank_zero import rank_zero_only
 
 from fuselab.errors import ConfigError
+from fuselab.train.trackers import LOGGERS, MLFLOW_INSTALL, check_loggers, logger_names, mlflow_available  # noqa: F401
 
-LOGGERS = ("csv", "tensorboard", "mlflow")
-MLFLOW_INSTALL = "pip install 'fuselab[mlflow]'"
 EXPERIMENT = "fuselab"  # the MLflow experiment that holds fuselab's runs
 _FINAL_PREFIX = "final/"
 _BAD_KEY_CHARS = re.compile(r"[^\w\-. /:]")  # MLflow keys: alphanumerics, _ - . space / :
@@ -42,44 +40,6 @@ _MAX_METRICS_PER_BATCH = 1000
 _MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter value
 STORE_DB = "fuselab.sqlite"  # the database of a result store (fuselab.experiments.store.DB_NAME)
 _PARTIAL = re.compile(r"^\.partial-([0-9a-f]+)(?:-.+)?$")  # a store run's folder while it trains
-
-
-def logger_names(value: Any) -> list[str]:
-    """The trackers a ``train.logger`` value asks for: one name or a list of names, in order, without
-    duplicates; ``None`` or an empty list means CSV only."""
-    if value is None:
-        items: list[Any] = []
-    elif isinstance(value, str):
-        items = [value]
-    elif isinstance(value, (list, tuple)) or (hasattr(value, "__iter__") and not isinstance(value, Mapping)):
-        items = list(value)
-    else:
-        raise ConfigError(f"config key 'train.logger' must be a name or a list of names ({', '.join(LOGGERS)}), "
-                          f"got {value!r}")
-    names = []
-    for item in items:
-        name = str(item).strip().lower()
-        if name not in LOGGERS:
-            raise ConfigError(f"config key 'train.logger' names '{item}'; choose from {', '.join(LOGGERS)} "
-                              "(one name or a list of them), e.g. train.logger=mlflow")
-        if name not in names:
-            names.append(name)
-    return names
-
-
-def mlflow_available() -> bool:
-    return importlib.util.find_spec("mlflow") is not None
-
-
-def check_loggers(train: Any) -> None:
-    """Check ``train.logger`` and ``train.mlflow_uri`` before anything runs: known names, the MLflow
-    package installed when it is asked for, a tracking URI only with the MLflow logger."""
-    names = logger_names(train.logger)
-    if "mlflow" in names and not mlflow_available():
-        raise ConfigError(f"train.logger=mlflow needs the MLflow package; install the extra: {MLFLOW_INSTALL}")
-    if train.mlflow_uri is not None and "mlflow" not in names:
-        raise ConfigError("config key 'train.mlflow_uri' is used by the MLflow logger only; "
-                          "add mlflow to train.logger, e.g. train.logger=mlflow")
 
 
 def flatten_config(config: Any) -> dict[str, str]:
