@@ -54,3 +54,16 @@ def tiny_spec(name: str = "tiny", *, hidden: int = 32, epochs: int = 3, grid: Se
 def tiny_spec_fixture() -> Any:
     """:func:`tiny_spec`, as a fixture."""
     return tiny_spec
+
+
+def run_cli(capsys: Any, *args: str) -> tuple[int, str, str]:
+    """``fuselab ARGS`` in this process: (exit code, stdout, stderr)."""
+    from fuselab.cli import main
+
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from fuselab.cli import main
+from conftest import run_cli
+
 from fuselab.train.config import ConfigError, make_config
 
 
@@ -43,11 +44,7 @@ def test_bad_config_is_one_clear_error(overrides, message):
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
-def _cli(capsys, *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(list(args))
-    out = capsys.readouterr()
-    return info.value.code, out.out, out.err
+_cli = run_cli  # (exit code, stdout, stderr) of `fuselab ARGS`
 
 
 @pytest.mark.parametrize(

@@ -11,13 +11,12 @@ import pytest
 import yaml
 
 import fuselab
-from fuselab.cli import main
 from fuselab.experiments.runner import execute_plan, prepare
 from fuselab.experiments.spec import load_spec, parse_spec, run_id
 from fuselab.experiments.store import Store
 from fuselab.train.config import ConfigError, make_config
 
-from conftest import tiny_spec
+from conftest import run_cli, tiny_spec
 
 TINY = tiny_spec(variants=[{"name": "lmf-r2", "fusion": {"name": "lmf", "rank": 2}}], seeds=(0, 1), lr=5.0e-3)
 
@@ -141,11 +140,7 @@ def test_load_results_and_report_files(finished):
     assert "\\toprule" in report.files["latex"].read_text()
 
 
-def _cli(capsys, *args):
-    with pytest.raises(SystemExit) as info:
-        main(list(args))
-    out = capsys.readouterr()
-    return info.value.code, out.out, out.err
+_cli = run_cli  # (exit code, stdout, stderr) of `fuselab ARGS`
 
 
 def _write(tmp_path, raw, name="spec.yaml"):

@@ -18,12 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fuselab.cli import main
 from fuselab.experiments.runner import execute_plan, prepare
 from fuselab.experiments.spec import parse_spec
 from fuselab.experiments.store import DB_NAME, Store
 
-from conftest import tiny_spec
+from conftest import run_cli, tiny_spec
 
 QUICK = tiny_spec("faults", hidden=16, epochs=2, baseline=False, threads=1)
 # long enough to be caught mid-training on a loaded machine; a state is saved after every epoch
@@ -31,14 +30,7 @@ LONG = {**QUICK, "base": {**QUICK["base"], "train": {"epochs": 120, "batch_size"
                                                        "checkpoint_every": 0.0}}}
 
 
-def _cli(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+_cli = run_cli  # (exit code, stdout, stderr) of `fuselab ARGS`
 
 
 def _spec_file(tmp_path: Path, spec: dict) -> str:

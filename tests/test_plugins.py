@@ -10,18 +10,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fuselab.cli import main
+from conftest import run_cli
+
 from fuselab.plugins import load_plugin
 from fuselab.train.config import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "my-idea"
 
 
-def _cli(capsys, *args):
-    with pytest.raises(SystemExit) as info:
-        main(list(args))
-    out = capsys.readouterr()
-    return info.value.code, out.out, out.err
+_cli = run_cli  # (exit code, stdout, stderr) of `fuselab ARGS`
 
 
 def test_a_plugin_that_fails_to_import_is_one_line(tmp_path, capsys):

@@ -9,7 +9,8 @@ import subprocess
 
 import pytest
 
-from fuselab.cli import main
+from conftest import run_cli
+
 from fuselab.experiments.runner import execute_plan, prepare
 from fuselab.experiments.spec import parse_spec
 from fuselab.experiments.store import Store
@@ -152,11 +153,7 @@ def test_figure_draws_bottleneck_tokens_and_a_multiscale_neck(tmp_path):
     assert "FPN" in draw(cen, tmp_path / "cen", formats=("svg",))[0].read_text()
 
 
-def _cli(capsys, *args):
-    with pytest.raises(SystemExit) as info:
-        main(list(args))
-    out = capsys.readouterr()
-    return info.value.code, out.out, out.err
+_cli = run_cli  # (exit code, stdout, stderr) of `fuselab ARGS`
 
 
 def test_figure_command_writes_svg_and_pdf(tmp_path, capsys):

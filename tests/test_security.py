@@ -15,7 +15,6 @@ import pytest
 import torch
 import yaml
 
-from fuselab.cli import main
 from fuselab.experiments.runner import execute_plan, prepare
 from fuselab.experiments.spec import parse_spec
 from fuselab.experiments.store import Store
@@ -24,7 +23,7 @@ from fuselab.report.plots import rebuildable
 from fuselab.train.config import ConfigError, make_config
 from fuselab.train.run import execute
 
-from conftest import tiny_spec
+from conftest import run_cli, tiny_spec
 
 TINY = tiny_spec("safe", hidden=16, epochs=2, baseline=False, threads=1)
 
@@ -39,14 +38,7 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def _cli(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+_cli = run_cli  # (exit code, stdout, stderr) of `fuselab ARGS`
 
 
 def _fuselab(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
