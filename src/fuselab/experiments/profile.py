@@ -239,28 +239,20 @@ def profile_spec(spec: Any, *, store: str | Path | None = None, device: str = "a
                  warmup: int = 10, repeat: int = 50, methods: Sequence[str] | None = None,
                  on_method: Callable[[MethodProfile], None] | None = None) -> pd.DataFrame:
     """One row per method with :data:`COLUMNS` (see the module's docstring) and ``device``."""
-    from omegaconf import OmegaConf
-
     from fuselab.errors import ConfigError
-    from fuselab.train.run import build_data
+    from fuselab.train.session import cached_data, setup_process
 
     dev = resolve_device(device)
-    if threads:
-        torch.set_num_threads(int(threads))
-    torch.set_flush_denormal(True)
+    setup_process(threads)
     configs = method_configs(spec, store)
     if methods:
         unknown = [m for m in methods if m not in configs]
         if unknown:
             raise ConfigError(f"spec '{spec.name}' has no method '{unknown[0]}'; methods are: {', '.join(configs)}")
         configs = {m: configs[m] for m in methods}
-    data_cache: dict[str, Any] = {}
     rows = []
     for name, cfg in configs.items():
-        key = json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True)
-        if key not in data_cache:
-            data_cache[key] = build_data(cfg)
-        data = data_cache[key]
+        data = cached_data(cfg)
         if data.folds:
             data = data.folds[0]
         try:

@@ -72,12 +72,11 @@ _cjk_font = cjk_font
 def method_flops(frame: pd.DataFrame, *, compute: bool = True) -> dict[str, float]:
     """Median FLOPs per sample per method over its finished runs (methods without a count are left out)."""
     out: dict[str, float] = {}
-    data_cache: dict[str, Any] = {}
     for method, rows in frame.groupby("method", sort=False):
         values = []
         for path in rows["path"]:
             # every seed of a method has the same model; count once, cache in each run folder
-            value = cached_flops(path, compute=compute and not values, data_cache=data_cache)
+            value = cached_flops(path, compute=compute and not values)
             if value is None and values:
                 value = values[0]
                 write_flops(path, value)

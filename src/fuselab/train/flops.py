@@ -78,11 +78,10 @@ def record_flops(cfg: Any, run_dir: Any = None) -> float | None:
     return flops
 
 
-def cached_flops(run_dir: str | Path, cfg: Any = None, *, compute: bool = True, data_cache: Any = None) -> float | None:
+def cached_flops(run_dir: str | Path, cfg: Any = None, *, compute: bool = True) -> float | None:
     """FLOPs per sample of a finished run, from ``<run_dir>/flops.json`` or its ``metrics.json``, else
     counted and stored there (only when ``compute`` and the stored config names registered ids and no
-    import path: a report never runs what a stored config names). ``data_cache`` is accepted for
-    compatibility; datasets come from the process cache."""
+    import path: a report never runs what a stored config names). Datasets come from the process cache."""
     run_dir = Path(run_dir)
     file = run_dir / "flops.json"
     if file.is_file():
