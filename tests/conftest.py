@@ -67,3 +67,21 @@ def run_cli(capsys: Any, *args: str) -> tuple[int, str, str]:
         code = int(exc.code or 0)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+# a small real run: two mfeat views, three epochs (test_session, test_evaluate and test_predict use it)
+SMALL_RUN = {
+    "data": {"name": "mfeat", "views": ["fou", "kar"]},
+    "model": {"name": "mlp-streams", "hidden": 32},
+    "train": {"epochs": 3, "batch_size": 64, "lr": 5.0e-3, "threads": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def mfeat_run(tmp_path_factory: Any) -> Any:
+    """(run folder, RunResult) of :data:`SMALL_RUN`, trained once per test module."""
+    from fuselab.train.config import make_config
+    from fuselab.train.run import execute
+
+    folder = tmp_path_factory.mktemp("small-run") / "run"
+    return folder, execute(make_config(SMALL_RUN), folder)

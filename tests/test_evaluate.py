@@ -11,6 +11,8 @@ import pytest
 import torch
 import yaml
 
+from conftest import SMALL_RUN
+
 from fuselab.data.core import IGNORE_INDEX
 from fuselab.experiments.evaluate import evaluate_target, read_evaluations, score_run
 from fuselab.experiments.runner import execute_plan, prepare
@@ -20,11 +22,6 @@ from fuselab.train.config import make_config
 from fuselab.train.run import execute
 from fuselab.train.session import load_run
 
-SMALL = {
-    "data": {"name": "mfeat", "views": ["fou", "kar"]},
-    "model": {"name": "mlp-streams", "hidden": 32},
-    "train": {"epochs": 3, "batch_size": 64, "lr": 5.0e-3, "threads": 1},
-}
 
 
 def kappa_oa_f1_iou(pred: np.ndarray, true: np.ndarray) -> tuple[float, float, float, float]:
@@ -38,13 +35,6 @@ def kappa_oa_f1_iou(pred: np.ndarray, true: np.ndarray) -> tuple[float, float, f
     pe = (cm.sum(0) * cm.sum(1)).sum() / n**2
     tp, fp, fn = cm[1, 1], cm[0, 1], cm[1, 0]
     return (oa - pe) / (1 - pe), oa, 2 * tp / (2 * tp + fp + fn), tp / (tp + fp + fn)
-
-
-@pytest.fixture(scope="module")
-def mfeat_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("evaluate") / "run"
-    result = execute(make_config(SMALL), folder)
-    return folder, result
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +94,7 @@ def test_cross_validated_run_pooled_reproduces_and_fold_ensemble_by_hand(cd_run,
 
 def test_experiment_table_is_mean_and_std_over_seeds_per_method(tmp_path):
     spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump({"name": "tiny-eval", "base": SMALL, "grid": {"fusion.name": ["concat", "sum"]},
+    spec_file.write_text(yaml.safe_dump({"name": "tiny-eval", "base": SMALL_RUN, "grid": {"fusion.name": ["concat", "sum"]},
                                          "seeds": [0, 1], "baseline": "concat"}))
     store = Store(tmp_path / "store")
     execute_plan(prepare(load_spec(spec_file), store), store, jobs=1)

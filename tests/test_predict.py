@@ -23,19 +23,7 @@ from fuselab.train.session import load_run
 
 rasterio = pytest.importorskip("rasterio")  # the geo extra; part of dev, so CI runs these
 
-SMALL = {
-    "data": {"name": "mfeat", "views": ["fou", "kar"]},
-    "model": {"name": "mlp-streams", "hidden": 32},
-    "train": {"epochs": 3, "batch_size": 64, "lr": 5.0e-3, "threads": 1},
-}
 TAIZHOU_MAP_INFO = "{UTM, 1.000, 1.000, 203325.000, 3604935.000, 3.0000000000e+001, 3.0000000000e+001, 51, North, WGS-84, units=Meters}"
-
-
-@pytest.fixture(scope="module")
-def mfeat_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("predict") / "run"
-    result = execute(make_config(SMALL), folder)
-    return folder, result
 
 
 @pytest.fixture(scope="module")

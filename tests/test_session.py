@@ -8,24 +8,14 @@ import pytest
 import torch
 import yaml
 
+from conftest import SMALL_RUN
+
 from fuselab.data.landsat import IGNORE_INDEX
 from fuselab.errors import ConfigError
 from fuselab.train.config import make_config
 from fuselab.train.run import execute
 from fuselab.train.session import cached_data, clear_data_cache, load_run, prepare_run
 
-SMALL = {
-    "data": {"name": "mfeat", "views": ["fou", "kar"]},
-    "model": {"name": "mlp-streams", "hidden": 32},
-    "train": {"epochs": 3, "batch_size": 64, "lr": 5.0e-3, "threads": 1},
-}
-
-
-@pytest.fixture(scope="module")
-def mfeat_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("session") / "run"
-    result = execute(make_config(SMALL), folder)
-    return folder, result
 
 
 def test_load_run_reproduces_the_stored_test_predictions(mfeat_run):
@@ -62,14 +52,14 @@ def test_load_run_refuses_what_it_cannot_or_must_not_rebuild(mfeat_run, tmp_path
 
 def test_prepare_run_seeds_and_shares_one_dataset_cache():
     clear_data_cache()
-    cfg = make_config(SMALL)
+    cfg = make_config(SMALL_RUN)
     first = prepare_run(cfg, cache=True)
     w1 = [p.detach().clone() for p in first.model().parameters()]
     second = prepare_run(cfg, cache=True)
     w2 = list(second.model().parameters())
     assert second.data is first.data  # one build per data section and seed
     assert all(torch.equal(a, b) for a, b in zip(w1, w2))  # seeded: the same initialisation
-    other = cached_data(make_config(SMALL, ["seed=1"]))
+    other = cached_data(make_config(SMALL_RUN, ["seed=1"]))
     assert other is not first.data and not torch.equal(other.test.x["fou"], first.data.test.x["fou"])  # the seed fixes the split
     assert torch.get_num_threads() == 1
 
