@@ -25,6 +25,13 @@ def test_import_linter_contracts_hold():
     assert kept >= 4  # the four contracts of pyproject.toml (none silently dropped)
 
 
+def _fresh_python(code: str) -> str:
+    """What ``code`` prints in a new interpreter (one that has imported nothing yet)."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def test_import_fuselab_stays_below_the_run_and_store_layers():
     """``import fuselab`` registers every built-in part but loads neither Lightning, the run layer nor the
     store; ``load_run`` and ``load_results`` load theirs on first use."""
@@ -37,9 +44,7 @@ def test_import_fuselab_stays_below_the_run_and_store_layers():
         "from fuselab import load_run, ConfigError\n"
         "print(load_run.__module__, ConfigError.__module__)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["[]", "True True True", "fuselab.train.session fuselab.errors"]
+    assert _fresh_python(code).splitlines() == ["[]", "True True True", "fuselab.train.session fuselab.errors"]
 
 
 def test_config_error_is_one_class_everywhere():
@@ -73,6 +78,4 @@ def test_reading_a_spec_loads_neither_lightning_nor_matplotlib():
         "load_spec('mfeat-compare').plan()\n"
         "print([m for m in ('lightning_fabric', 'torchmetrics', 'matplotlib') if m in sys.modules])\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    assert _fresh_python(code).strip() == "[]"
