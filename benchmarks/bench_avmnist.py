@@ -13,30 +13,28 @@ MBT's fusion-layer x bottleneck-token ablation, read from a result store.
    training time of a run; then the best fusion against the best unimodal model with the comparison report's
    statistics (``fuselab.report.tables.summarize``: paired t-test over seeds and McNemar's test on the pooled
    test predictions, Holm-corrected over the methods of that variant);
-2. bottleneck vs joint attention at the same depth and width: accuracy per variant, FLOPs per sample, and the
+2. bottleneck vs joint attention and late fusion at the same width: accuracy per variant, FLOPs per sample, and the
    median time of one training step (batch 32, one thread) measured here, the two interleaved;
 3. ``mbt-ablation`` (and ``mbt-ablation-full`` where the store has it): accuracy over fusion_layer x
    n_bottlenecks, joint attention per fusion layer, late fusion.
 
 Recorded results: at the end of this docstring.
 
-Recorded on a 2-core CPU shared with other jobs (load average 5-11 throughout, so wall times are inflated):
+Recorded on 2026-11-29 (2-core CPU, quiet: load average 0.7-1.9), the whole ``avmnist-compare`` sweep with
+``--jobs 2``: 143 s wall (154 s with an empty spectrogram cache). Test accuracy %, mean +- std over seeds 0-2,
+10,000 test pairs each:
 
-``avmnist-compare``, hard variant (all 21 runs; ``fuselab compare <the spec's hard methods> --store S --jobs 2``:
-710 s wall, 532 CPU-seconds for all processes, i.e. about 4.5 min on an idle 2-core machine). Test accuracy %,
-mean +- std over seeds 0-2, 10,000 test pairs each:
+    hard:  image-only 61.47 +- 0.70 | audio-only 57.30 +- 2.89 | late 79.27 +- 0.88 | concat 79.84 +- 0.24
+           cross-attention 79.16 +- 0.80 | joint-attention 79.48 +- 0.59 | bottleneck 80.38 +- 2.53
+    clean: image-only 91.42 +- 0.79 | audio-only 91.22 +- 1.08 | late 96.18 +- 0.25 | concat 95.87 +- 0.43
+           cross-attention 96.45 +- 0.23 | joint-attention 96.08 +- 0.18 | bottleneck 95.99 +- 0.41
 
-    image-only 61.45 +- 0.70 | audio-only 57.25 +- 2.18 | late 78.39 +- 1.41 | concat 79.95 +- 0.56
-    cross-attention 78.96 +- 0.79 | joint-attention 80.15 +- 0.81 | bottleneck 78.70 +- 3.32
-
-Best fusion (joint-attention) vs best unimodal (image-only): +18.71 points, paired t-test p = 0.00035 (Holm
-0.0017), McNemar p < 1e-300: significant. Clean variant (seeds 0-2 where finished): image-only 91.43 +- 0.79,
-audio-only 90.47 +- 0.33, late 96.09 +- 0.38, concat 95.68 +- 1.06, cross-attention 96.54 +- 0.25 (2 seeds).
-
-Cost at the same depth (exchange from block 1 of 2) and width 64: forward MFLOPs per sample late 3.17, joint
-attention 3.19, bottleneck (4 tokens) 4.00; a training step (batch 32, one thread, interleaved medians) late
-199 ms, joint attention 242 ms, bottleneck 248 ms. With 5 and 9 tokens per modality the 4 bottleneck tokens
-lengthen every stream's sequence by half or more, while joint attention only adds keys, so here the
+Best fusion vs best unimodal: hard, bottleneck vs image-only +18.92 points, paired t-test p = 0.008 (Holm
+0.016), McNemar p < 1e-300; clean, cross-attention vs image-only +5.02 points, p = 0.0067 (Holm 0.04).
+Cost at width 64 (the bottleneck from block 0 of 2, the other exchanges in block 1): forward MFLOPs per sample
+late 3.17, joint attention 3.19, bottleneck (4 tokens) 4.82; a training step (batch 32, one thread) late
+10.9 ms, joint attention 10.7 ms, bottleneck 15.0 ms. With 5 and 9 tokens per modality the 4 bottleneck
+tokens lengthen every stream's sequence by half or more, while joint attention only adds keys, so here the
 bottleneck costs more, not less; MBT's saving needs streams of hundreds of tokens (``mbt-ablation-full``).
 """
 
@@ -175,7 +173,7 @@ def bottleneck_vs_joint(store: str) -> None:
     frame = frame_of(store, "avmnist-compare")
     if frame is None:
         return
-    print("\nbottleneck (4 tokens) vs joint attention, same depth (fusion from block 1 of 2) and width 64")
+    print("\nbottleneck (4 tokens, from block 0 of 2) vs joint attention (block 1 of 2) and late fusion, width 64")
     table = per_method(frame).set_index("method")
     methods = [m for m in table.index if m.split("/")[0] in ("bottleneck", "joint-attention", "late")]
     steps = step_times("avmnist-compare", ["late/clean", "joint-attention/clean", "bottleneck/clean"])
