@@ -17,16 +17,18 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning_fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from fuselab.data.core import DataBundle, ModalTensors
 from fuselab.errors import ConfigError
 from fuselab.train.config import TrainConfig, make_config, section
+
+if TYPE_CHECKING:  # Lightning Fabric is imported by the run that trains (train.loop), not by readers of runs
+    from lightning_fabric import Fabric
 
 DATA_CACHE_SIZE = 2  # datasets kept per process (a sweep's runs share one; a spec rarely names more than two)
 _DATA: dict[str, DataBundle] = {}
