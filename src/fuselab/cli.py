@@ -286,7 +286,7 @@ def compare_cmd(
                                           help="train only these methods (comma-separated); the table shows every finished one"),
 ) -> None:
     """Run every method x seed of a spec (skipping finished runs) and print the comparison table."""
-    from fuselab.experiments.runner import default_jobs, execute_plan, prepare
+    from fuselab.experiments.runner import WorkerPool, default_jobs, prepare
     from fuselab.experiments.spec import load_spec
     from fuselab.experiments.store import Store
 
@@ -302,16 +302,43 @@ def compare_cmd(
     if dry_run:
         _print_plan(sp, st, jobs, wanted)
         return
-    plan = prepare(sp, st)
-    from fuselab.report.commands import record_spec_source
+    # with several jobs the workers start now: their imports overlap with the planning below
+    with WorkerPool(jobs) if backend == "local" and jobs > 1 else contextlib.nullcontext() as pool:
+        plan = prepare(sp, st)
+        from fuselab.report.commands import record_spec_source
 
-    record_spec_source(st.root, sp.name, spec)  # the journal's and reports' commands name this file
-    if wanted:
-        plan = [r for r in plan if r.method in wanted]
+        record_spec_source(st.root, sp.name, spec)  # the journal's and reports' commands name this file
+        if wanted:
+            plan = [r for r in plan if r.method in wanted]
+        start = time.perf_counter()
+        counts = _train_plan(sp, st, plan, jobs=jobs, backend=backend, address=address, gpus_per_run=gpus_per_run,
+                             pool=pool)
+    console.print(f"{counts['done']} trained, {counts['cached']} already in the store, {counts['failed']} failed, "
+                  f"{time.perf_counter() - start:.0f} s")
+    if sp.evaluate:  # the spec's extra test sets: each done run scored once per set
+        from fuselab.experiments.runner import evaluate_plan
+
+        def on_evaluated(run, name: str, status: str) -> None:
+            console.print(f"evaluate {name}: {run.method} seed {run.seed} {status}", markup=False)
+
+        scored = evaluate_plan(sp, st, plan, on_run=on_evaluated)
+        console.print(f"{sum(scored.values())} evaluations on {', '.join(sp.evaluate)}", markup=False)
+    if not _baseline_done(st.root, sp.name, sp.baseline):
+        # e.g. --methods without the baseline: the runs are stored, the table waits for the baseline
+        console.print(f"no table yet: the baseline '{sp.baseline}' has no finished run; train it with "
+                      f"`fuselab compare {spec} --store {st.root} --methods {sp.baseline}`", markup=False)
+        return
+    _print_report(st.root, sp.name)
+
+
+def _train_plan(sp, st, plan, *, jobs: int, backend: str, address: str | None, gpus_per_run: float,
+                pool=None) -> dict[str, int]:
+    """Train a sweep's plan with a progress display; the outcome counts (done, cached, failed, ...)."""
+    from fuselab.experiments.runner import execute_plan
+
     unique = {r.run_id for r in plan}
     console.print(f"[bold]{sp.name}[/]: {len(sp.methods)} methods x {len(sp.seeds)} seeds = {len(unique)} runs, "
                   f"{jobs} jobs{' on Ray' if backend == 'ray' else ''}, store {st.root}")
-    start = time.perf_counter()
     counts = {"done": 0, "cached": 0, "failed": 0, "skipped": 0}
     best: dict[str, list[float]] = {}
     key = f"test_{sp.metric}"
@@ -339,25 +366,10 @@ def compare_cmd(
         try:
             with _interrupts_as_keyboard_interrupt():
                 execute_plan(plan, st, jobs=jobs, on_outcome=on_outcome, plugins=sp.plugins, backend=backend,
-                             address=address, gpus_per_run=gpus_per_run)
+                             address=address, gpus_per_run=gpus_per_run, pool=pool)
         except KeyboardInterrupt:  # typer would swallow it into a bare exit code
             raise SweepInterrupted() from None
-    console.print(f"{counts['done']} trained, {counts['cached']} already in the store, {counts['failed']} failed, "
-                  f"{time.perf_counter() - start:.0f} s")
-    if sp.evaluate:  # the spec's extra test sets: each done run scored once per set
-        from fuselab.experiments.runner import evaluate_plan
-
-        def on_evaluated(run, name: str, status: str) -> None:
-            console.print(f"evaluate {name}: {run.method} seed {run.seed} {status}", markup=False)
-
-        scored = evaluate_plan(sp, st, plan, on_run=on_evaluated)
-        console.print(f"{sum(scored.values())} evaluations on {', '.join(sp.evaluate)}", markup=False)
-    if not _baseline_done(st.root, sp.name, sp.baseline):
-        # e.g. --methods without the baseline: the runs are stored, the table waits for the baseline
-        console.print(f"no table yet: the baseline '{sp.baseline}' has no finished run; train it with "
-                      f"`fuselab compare {spec} --store {st.root} --methods {sp.baseline}`", markup=False)
-        return
-    _print_report(st.root, sp.name)
+    return counts
 
 
 def _baseline_done(store: Path, experiment: str, baseline: str) -> bool:

@@ -20,6 +20,7 @@ import multiprocessing.connection
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -273,13 +274,17 @@ def _worker_loop(parent: int, threads: int, conn: Any) -> None:
     _exit_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the sweep, which stops us
     _init_worker(threads)
+    import fuselab.train.run  # noqa: F401  (the training code, imported while the sweep is still planning)
+
     while True:
         try:
             task = conn.recv()
         except (EOFError, OSError):
-            return
-        if task is None:
-            return
+            task = None
+        if task is None:  # every run's files and store rows are written before its outcome is sent:
+            sys.stdout.flush()  # nothing is left to tear down, so skip the interpreter's slow shutdown
+            sys.stderr.flush()
+            os._exit(0)
         claim, (store_root, run_id, method, seed, config, threads, plugins) = task
         outcome = train_claimed(store_root, run_id, claim, method, seed, config, threads, plugins)
         conn.send(dataclasses.asdict(outcome))
@@ -301,6 +306,12 @@ class _Worker:
         self.runs += 1
         self.conn.send((claim, args))
 
+    def ask_to_stop(self) -> None:
+        try:
+            self.conn.send(None)
+        except (OSError, ValueError):
+            pass
+
     def outcome(self) -> Outcome | None:
         """The outcome of the current run if the worker sent one (it may have died instead)."""
         try:
@@ -311,10 +322,7 @@ class _Worker:
         return None
 
     def stop(self, timeout: float = 5.0) -> None:
-        try:
-            self.conn.send(None)
-        except (OSError, ValueError):
-            pass
+        self.ask_to_stop()
         self.process.join(timeout)
         if self.process.is_alive():
             self.process.kill()
@@ -330,18 +338,63 @@ def _death(exitcode: int | None) -> str:
     return f"WorkerDied: the worker process exited with code {exitcode} before reporting"
 
 
+def worker_threads(jobs: int) -> int:
+    """Torch threads per run when ``jobs`` runs share this machine's cores."""
+    return max(1, default_jobs() // max(1, jobs))
+
+
+class WorkerPool:
+    """Sweep workers started before the plan is ready: their start-up (interpreter, imports of the training
+    code, thread setup) overlaps with the caller's planning instead of following it. ``execute_plan(...,
+    pool=)`` hands runs to them; workers it did not use are stopped by ``close`` (or leaving the ``with``)."""
+
+    def __init__(self, jobs: int) -> None:
+        self.threads = worker_threads(jobs)
+        context = multiprocessing.get_context("spawn")  # no forked torch thread pools
+        self.workers = [_Worker(context, self.threads) for _ in range(jobs)]
+
+    def take(self) -> list[_Worker]:
+        """The started workers, now the caller's to stop."""
+        workers, self.workers = self.workers, []
+        return workers
+
+    def close(self) -> None:
+        workers = self.take()
+        for worker in workers:  # possibly still importing: no need to wait for that
+            worker.process.terminate()
+        for worker in workers:
+            worker.process.join()
+            worker.conn.close()
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _stop_all(workers: list[_Worker], timeout: float = 5.0) -> None:
+    """Stop idle workers together: each is told first, then each is waited for."""
+    for worker in workers:
+        worker.ask_to_stop()
+    deadline = time.monotonic() + timeout
+    for worker in workers:
+        worker.stop(max(0.1, deadline - time.monotonic()))
+
+
 def _run_processes(args: list[tuple[Any, ...]], store: Store, jobs: int,
                    report: Callable[[Outcome], None], retries: int = DEATH_RETRIES,
-                   runs_per_worker: int | None = None) -> None:
+                   runs_per_worker: int | None = None, started: list[_Worker] | None = None) -> None:
     """Train the runs in ``jobs`` worker processes that live across runs (a worker's start-up is paid once
     per sweep, not per run; ``runs_per_worker`` retires a worker after that many runs, 1 = a fresh process
     per run). A run is claimed here and handed to an idle worker; a worker that dies costs only the run it
-    was training, which is retried (from the state it saved) in a new worker."""
+    was training, which is retried (from the state it saved) in a new worker. ``started``: workers already
+    started (a ``WorkerPool``'s), used first."""
     context = multiprocessing.get_context("spawn")  # no forked torch thread pools
     threads = int(args[0][5]) if args else 1
     queue = list(args)
     deaths: dict[str, int] = {}
-    idle: list[_Worker] = []
+    idle: list[_Worker] = list(started or [])
     busy: list[_Worker] = []
     try:
         while queue or busy:
@@ -397,8 +450,7 @@ def _run_processes(args: list[tuple[Any, ...]], store: Store, jobs: int,
                 a, claim = worker.task
                 store.fail(a[1], "interrupted", claim, status="interrupted")
         raise
-    for worker in idle:
-        worker.stop()
+    _stop_all(idle)
 
 
 def execute_plan(
@@ -414,6 +466,7 @@ def execute_plan(
     address: str | None = None,
     gpus_per_run: float = 0.0,
     runs_per_worker: int | None = None,
+    pool: WorkerPool | None = None,
 ) -> list[Outcome]:
     """Train every run of ``plan`` that is not done; ``jobs`` processes, torch threads split between them.
 
@@ -422,6 +475,8 @@ def execute_plan(
     ``skipped`` instead). A done run whose folder is gone (``missing``) is reported as such and not trained
     (``fuselab runs retry --status missing`` sends it back). ``runs_per_worker`` retires a worker process
     after that many runs (default: workers live for the whole sweep; 1 gives every run a fresh process).
+    ``pool``: workers started earlier (``WorkerPool(jobs)``), used for the local processes; the caller
+    closes the pool, which stops any worker this sweep did not need.
     """
     outcomes: list[Outcome] = []
     held: list[Outcome] = []
@@ -445,7 +500,7 @@ def execute_plan(
             report(Outcome(run.run_id, run.method, run.seed, "cached" if status == "done" else "missing"))
         else:
             todo.append(run)
-    threads = max(1, default_jobs() // max(1, jobs))
+    threads = worker_threads(jobs)
     args = {r.run_id: (str(store.root), r.run_id, r.method, r.seed, OmegaConf.to_container(r.config, resolve=True),
                        threads, tuple(plugins)) for r in todo}
     if backend == "ray" and args:
@@ -461,7 +516,8 @@ def execute_plan(
         for a in args.values():
             report(train_one(*a))
     else:
-        _run_processes(list(args.values()), store, jobs, report, runs_per_worker=runs_per_worker)
+        started = pool.take() if pool is not None and pool.threads == threads else []
+        _run_processes(list(args.values()), store, jobs, report, runs_per_worker=runs_per_worker, started=started)
     while held:
         time.sleep(poll_seconds)
         waiting, held[:] = list(held), []
