@@ -144,8 +144,7 @@ POOLED_BATCH_NORM = ("aff", "iaff", "sk")
 @pytest.mark.parametrize("name", MAP_IDS)
 def test_a_training_step_at_batch_size_1_runs_or_names_the_option_that_fixes_it(name: str) -> None:
     op = build(name, EQUAL).train()
-    xs = maps(EQUAL)
-    xs = {m: x[:1] for m, x in xs.items()}  # (1, C, H, W)
+    xs = {m: x[:1].requires_grad_() for m, x in maps(EQUAL).items()}  # (1, C, H, W)
     if name in POOLED_BATCH_NORM:
         with pytest.raises(ValueError, match=rf"^{name}: batch norm in training mode .* use norm='group'") as err:
             op(xs)
@@ -153,10 +152,14 @@ def test_a_training_step_at_batch_size_1_runs_or_names_the_option_that_fixes_it(
         op = build(name, EQUAL, norm="group").train()
     before = [y.detach().clone() for y in outputs(op(xs))]
     assert all(y.shape[0] == 1 and torch.isfinite(y).all() for y in before)
-    if not list(op.parameters()):
-        return
-    optimiser = torch.optim.SGD(op.parameters(), lr=0.1)
+    optimiser = torch.optim.SGD(op.parameters(), lr=0.1) if list(op.parameters()) else None
     probe_loss(op(xs)).backward()
+    for m, x in xs.items():
+        assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0, f"{name}: input {m}"
+    for pname, p in op.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), f"{name}: gradient of {pname}"
+    if optimiser is None:
+        return
     optimiser.step()
     assert any(not torch.allclose(b, a, atol=1e-6) for b, a in zip(before, outputs(op(xs))))
 
