@@ -123,7 +123,7 @@ def test_norms_by_name_or_class():
 def test_batch_statistics_need_more_than_one_value_per_channel():
     module = nn.BatchNorm2d(C).train()
     single = "X: batch norm in training mode needs more than one value per channel, and {} gives one; " \
-             "use norm='group' (or a larger batch)"
+             "use norm='group' (or a larger batch; train.last_batch=merge when a training split leaves one sample over)"
     with _raises(single.format("a single 1x1 map")):
         check_batch_statistics(module, torch.zeros(1, C, 1, 1), "X", batch_norm=True)
     with _raises(single.format("a batch of 1")):

@@ -35,19 +35,34 @@ class ModalTensors:
     def to(self, device: torch.device | str) -> "ModalTensors":
         return ModalTensors({m: v.to(device) for m, v in self.x.items()}, self.y.to(device), self.augment)
 
+    def batch_bounds(self, batch_size: int, *, merge_lone: bool = False) -> list[int]:
+        """Where the batches start, and the end: ``[0, b, 2b, ..., n]``. ``merge_lone``: a lone last sample
+        joins the batch before it (batch norm cannot train on a batch of one; ``train.last_batch=merge``)."""
+        n = len(self)
+        bounds = [*range(0, n, batch_size), n]
+        if merge_lone and len(bounds) > 2 and n - bounds[-2] == 1:
+            del bounds[-2]
+        return bounds
+
+    def training_steps(self, batch_size: int, *, merge_lone: bool = False) -> int:
+        """Optimiser steps per epoch: the number of training batches."""
+        return len(self.batch_bounds(batch_size, merge_lone=merge_lone)) - 1
+
     def batches(
-        self, batch_size: int, *, generator: torch.Generator | None = None, shuffle: bool = False
+        self, batch_size: int, *, generator: torch.Generator | None = None, shuffle: bool = False,
+        merge_lone: bool = False,
     ) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         order = order.to(self.y.device)
-        for start in range(0, n, batch_size):
+        bounds = self.batch_bounds(batch_size, merge_lone=merge_lone)
+        for start, stop in zip(bounds, bounds[1:]):
             if self.augment is not None and shuffle:
-                x, y = self.take(order[start : start + batch_size])
+                x, y = self.take(order[start:stop])
                 k = int(torch.randint(8, (1,), generator=generator))
                 yield {m: dihedral(v, k) for m, v in x.items()}, dihedral(y, k)
             else:
-                yield self.take(order[start : start + batch_size])
+                yield self.take(order[start:stop])
 
 
 def dihedral(x: Tensor, k: int) -> Tensor:

@@ -430,7 +430,7 @@ def run_seconds(cfg: Any, data: Any, timing: Mapping[str, float]) -> float:
     import math
 
     epochs = int(cfg.train.epochs)
-    steps = math.ceil(len(data.train) / int(cfg.train.batch_size))
+    steps = data.train.training_steps(int(cfg.train.batch_size), merge_lone=cfg.train.last_batch == "merge")
     eval_batches = math.ceil(len(data.val) / int(cfg.train.eval_batch_size))
     test_batches = math.ceil(len(data.test) / int(cfg.train.eval_batch_size))
     compute = epochs * (steps * timing["step"] + eval_batches * timing["eval_batch"]) + test_batches * timing["eval_batch"]

@@ -67,6 +67,7 @@ NEUTRAL_DEFAULTS: dict[str, tuple[Any, ...]] = {
     "train.freeze_bn_epoch": (0,),
     "train.channels_last": (False,),
     "train.compile": (False,),
+    "train.last_batch": ("keep",),
 }
 
 

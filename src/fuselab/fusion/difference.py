@@ -82,7 +82,7 @@ def check_batch_statistics(
         what = "a batch of 1" if pooled else "a single 1x1 map"
         raise ValueError(
             f"{where}: batch norm in training mode needs more than one value per channel, and {what} gives one; "
-            "use norm='group' (or a larger batch)"
+            "use norm='group' (or a larger batch; train.last_batch=merge when a training split leaves one sample over)"
         )
 
 

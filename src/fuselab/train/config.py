@@ -37,6 +37,7 @@ ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps", "tpu")  # Lightning Fabric'
 class TrainConfig:
     epochs: int = 60  # passes over the training split
     batch_size: int = 64  # samples per optimiser step
+    last_batch: str = "keep"  # keep | merge: "merge" adds a lone last training sample to the batch before it (batch norm cannot train on a batch of one); "keep" leaves it alone, as PyTorch's DataLoader does
     lr: float = 1.0e-3  # peak learning rate of the optimiser
     weight_decay: float = 1.0e-2  # decoupled for adamw, added to the gradient (L2) for adam and sgd
     optimizer: str = "adamw"  # adamw | adam | sgd (CEN's official recipe: sgd, momentum 0.9, weight_decay 1e-5)
@@ -306,6 +307,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.train.lr <= 0:
         raise ConfigError(f"config key 'train.lr' must be positive, got {cfg.train.lr}")
     _check_optimizer(cfg.train)
+    if cfg.train.last_batch not in ("keep", "merge"):
+        raise ConfigError(f"config key 'train.last_batch' must be keep or merge, got {cfg.train.last_batch!r}")
     from fuselab.train.trackers import check_loggers
 
     check_loggers(cfg.train)

@@ -238,7 +238,7 @@ class _Training:
         fused = fabric.device.type in ("cpu", "cuda")  # one fused kernel instead of a loop over tensors
         optimizer = make_optimizer(model, cfg, fused=fused)
         proximal = proximal_modules(model)  # e.g. CEN's L1 on BN scales as a soft threshold after each step
-        total_steps = cfg.epochs * math.ceil(len(data.train) / cfg.batch_size)
+        total_steps = cfg.epochs * data.train.training_steps(cfg.batch_size, merge_lone=cfg.last_batch == "merge")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, cfg.warmup))
         model, optimizer = fabric.setup(model, optimizer)
         generator = torch.Generator().manual_seed(seed)  # batch order: the same for every method of a seed
@@ -264,7 +264,8 @@ class _Training:
             freeze_batch_norms(model)
         step_values: list[tuple[Tensor, ...]] = []
         drop_gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch) if any(self.dropout.values()) else None
-        for x, y in train.batches(cfg.batch_size, generator=self.generator, shuffle=True):
+        for x, y in train.batches(cfg.batch_size, generator=self.generator, shuffle=True,
+                                 merge_lone=cfg.last_batch == "merge"):
             if world > 1:  # data parallel: each process takes its share of the same global batch
                 x, y = {m: v[rank::world] for m, v in x.items()}, y[rank::world]
             if drop_gen is not None:
