@@ -55,6 +55,23 @@ def test_default_is_adamw_with_one_decay_on_every_parameter_and_adam_is_coupled(
     assert sgd.param_groups[0]["weight_decay"] == 1e-5
 
 
+def test_adam_adds_its_decay_to_the_gradient_and_adamw_decouples_it():
+    # p = 1, zero gradient, lr 0.1, weight decay 0.5, one step, by hand:
+    # adamw: p (1 - lr wd) = 0.95, and a zero gradient moves it no further;
+    # adam: g = wd p = 0.5, bias-corrected m = 0.5 and sqrt(v) = 0.5, so p - lr m / sqrt(v) = 0.9
+    def one_step(optimizer: str) -> float:
+        model = nn.Module()
+        model.p = nn.Parameter(torch.ones(1))
+        opt = make_optimizer(model, _cfg(optimizer=optimizer, lr=0.1, weight_decay=0.5))
+        model.p.grad = torch.zeros(1)
+        opt.step()
+        return model.p.item()
+
+    assert one_step("adamw") == pytest.approx(0.95)
+    assert one_step("adam") == pytest.approx(0.9, abs=1e-6)
+    assert one_step("sgd") == pytest.approx(1 - 0.1 * 0.5)  # coupled too: g = wd p, first step without momentum
+
+
 def test_no_decay_groups_hold_exactly_the_norms_biases_and_ensemble_weights():
     model = cen(dims={"t1": 3, "t2": 3}, num_classes=2, widths=[4, 8])
     modules = dict(model.named_modules())
