@@ -7,6 +7,8 @@ import json
 import textwrap
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -248,6 +250,42 @@ def test_every_fusion_row_of_every_shipped_spec_has_a_cross_modal_path(data_root
                     assert any(paths[(m, n)] > 0 for n in xs if n != m), f"{name}/{run.method}: nothing reaches {m}"
             checked += 1
     assert checked >= 40
+
+
+def test_attention_and_gated_merges_report_their_mean_modality_weights_by_hand():
+    from fuselab.report.fusion_check import fusion_check
+
+    torch.manual_seed(0)
+    x = {"a": torch.randn(5, 3), "b": torch.randn(5, 4)}
+    attention = fuselab.create_fusion("attention", dims={"a": 3, "b": 4})
+    gated = fuselab.create_fusion("gated", dims={"a": 3, "b": 4})
+    with torch.no_grad():  # scores independent of the inputs: softmax([log 3, 0]) = (0.75, 0.25) everywhere
+        attention.score.weight.zero_()
+        attention.score.bias.copy_(torch.tensor([np.log(3.0), 0.0]))
+        gated.gate.weight.zero_()  # gate logits laid out (modality, feature): a's 4 features, then b's
+        gated.gate.bias.copy_(torch.tensor([np.log(3.0)] * 4 + [0.0] * 4))
+    for op in (attention, gated):
+        stats = op.fusion_stats(x)
+        assert stats == {"weight/a": pytest.approx(0.75), "weight/b": pytest.approx(0.25)}, type(op).__name__
+        found, problems = operator_stats(op, x)
+        assert found == {"/weight/a": pytest.approx(0.75), "/weight/b": pytest.approx(0.25)} and problems == []
+        row = pd.DataFrame([{f"diag_stat/{k}": v for k, v in found.items()} | {"diag_problems": ""}])  # as stored
+        assert fusion_check(row)["fusion_check"] == "w a 0.75 b 0.25"
+
+
+def test_a_run_whose_diagnostics_failed_is_said_to_have_none():
+    from fuselab.report.fusion_check import fusion_check, fusion_note
+
+    rows = pd.DataFrame([{"diag_dependence/a": 0.2, "diag_dependence/b": 0.4, "diag_problems": ""},
+                         {"diag_error": "RuntimeError: out of memory"}])
+    cell = fusion_check(rows)
+    assert cell == {"fusion_check": "diagnostics failed; dep 0.20–0.40", "fusion_problems": "",
+                    "fusion_errors": "RuntimeError: out of memory", "control": False}
+    alone = fusion_check(pd.DataFrame([{"diag_error": "ValueError: bad"}]))
+    assert alone["fusion_check"] == "diagnostics failed"  # not an empty cell, which would read as a clean one
+    summary = pd.DataFrame([{"method": "x", **cell}, {"method": "y", **fusion_check(rows.iloc[:1])}])
+    assert fusion_note(summary).endswith(" Diagnostics failed (the runs are kept): x: RuntimeError: out of memory.")
+    assert fusion_check(rows.iloc[:1])["fusion_errors"] == ""
 
 
 def test_cen_is_marked_as_not_fusing_only_when_no_exchange_moved_a_channel():

@@ -5,7 +5,8 @@ the test samples), ``diag_stat/<module>/<stat>`` (its operators' own state) and 
 does not fuse, if it does not); see ``fuselab.models.diagnostics``. Per method the cell shows the range of
 the mean dependence over the modalities and the operator state that says whether it fuses (CEN's exchanged
 share, the attention paid to other modalities); a method any of whose runs does not fuse is marked, and a
-deliberate control (``control: true``) is labelled as one.
+deliberate control (``control: true``) is labelled as one. A run whose diagnostics raised (``diag_error``; the
+run itself is kept) is said to have none, so that an empty cell never passes for a clean one.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pandas as pd
 
 NOT_FUSING = "⚠ not fusing"
 CONTROL = "control"
+NO_DIAGNOSTICS = "diagnostics failed"
 
 
 def _mean(rows: pd.DataFrame, columns: list[str]) -> dict[str, float]:
@@ -48,8 +50,9 @@ def fusion_check(rows: pd.DataFrame) -> dict[str, Any]:
     """The fusion check of one method from its runs' rows.
 
     Returns:
-        ``{"fusion_check": cell text, "fusion_problems": "; "-joined problems of any run, "control": bool}``;
-        an empty cell when the runs have no diagnostics (runs stored before they were recorded).
+        ``{"fusion_check": cell text, "fusion_problems": "; "-joined problems of any run, "fusion_errors":
+        "; "-joined errors of runs whose diagnostics failed, "control": bool}``; an empty cell when the runs
+        have no diagnostics (runs stored before they were recorded).
     """
     control = bool("control" in rows.columns and rows["control"].fillna(False).astype(bool).any())
     dep_cols = [c for c in rows.columns if c.startswith("diag_dependence/")]
@@ -59,8 +62,11 @@ def fusion_check(rows: pd.DataFrame) -> dict[str, Any]:
         for text in rows["diag_problems"].dropna():
             problems += [p for p in str(text).split("; ") if p]
     problems = list(dict.fromkeys(problems))
-    if not dep_cols and not stat_cols and not problems:
-        return {"fusion_check": "", "fusion_problems": "", "control": control}
+    errors: list[str] = []
+    if "diag_error" in rows.columns:
+        errors = list(dict.fromkeys(str(e) for e in rows["diag_error"].dropna() if str(e)))
+    if not dep_cols and not stat_cols and not problems and not errors:
+        return {"fusion_check": "", "fusion_problems": "", "fusion_errors": "", "control": control}
     parts = []
     dependence = _mean(rows, dep_cols)
     if dependence:
@@ -68,11 +74,14 @@ def fusion_check(rows: pd.DataFrame) -> dict[str, Any]:
         parts.append(f"dep {lo:.2f}" if len(dependence) == 1 else f"dep {lo:.2f}–{hi:.2f}")
     parts += _state_text({c[len("diag_stat/"):]: v for c, v in _mean(rows, stat_cols).items()})
     text = ", ".join(parts)
+    if errors:  # some runs (or all) have no diagnostics: the cell describes the others only
+        text = f"{NO_DIAGNOSTICS}; {text}" if text else NO_DIAGNOSTICS
     if problems:
         text = f"{NOT_FUSING}; {text}" if text else NOT_FUSING
     if control:
         text = f"{CONTROL}; {text}" if text else CONTROL
-    return {"fusion_check": text, "fusion_problems": "; ".join(problems), "control": control}
+    return {"fusion_check": text, "fusion_problems": "; ".join(problems), "fusion_errors": "; ".join(errors),
+            "control": control}
 
 
 def fusion_note(summary: pd.DataFrame) -> str:
@@ -85,7 +94,10 @@ def fusion_note(summary: pd.DataFrame) -> str:
     flagged = [f"{r['method']}: {r['fusion_problems']}" for _, r in summary.iterrows() if r.get("fusion_problems")]
     if flagged:
         note += f" {NOT_FUSING}: " + "; ".join(flagged) + "."
+    failed = [f"{r['method']}: {r['fusion_errors']}" for _, r in summary.iterrows() if r.get("fusion_errors")]
+    if failed:
+        note += f" {NO_DIAGNOSTICS[0].upper()}{NO_DIAGNOSTICS[1:]} (the runs are kept): " + "; ".join(failed) + "."
     return note
 
 
-__all__ = ["CONTROL", "NOT_FUSING", "fusion_check", "fusion_note"]
+__all__ = ["CONTROL", "NOT_FUSING", "NO_DIAGNOSTICS", "fusion_check", "fusion_note"]
