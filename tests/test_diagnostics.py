@@ -3,19 +3,24 @@ the config's ``fusion_problem``, the report's fusion-check column)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import textwrap
+from html import unescape
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 import fuselab
 from fuselab.cli import main
-from fuselab.experiments.spec import load_spec, shipped_specs
+from fuselab.data.core import DataBundle
+from fuselab.experiments.spec import PlannedRun, Spec, load_spec, shipped_specs
 from fuselab.fusion.bottleneck import Bottleneck
 from fuselab.layers.transformer import transformer_blocks
 from fuselab.models.diagnostics import dependence_problem, operator_stats
@@ -140,6 +145,29 @@ def test_a_bottleneck_that_cannot_fuse_is_one_line_before_anything_trains(tmp_pa
     assert not store.exists()
 
 
+def test_fuselab_run_refuses_a_last_block_bottleneck_in_one_line_before_training(tmp_path, capsys):
+    out = tmp_path / "runs"
+    code, output = _cli(capsys, "run", "model.name=mbt", "model.width=16", "model.heads=2", "model.layers=4",
+                        "model.fusion_layer=3", "exchange.name=bottleneck", "fusion.name=late", "data.views=[fou,kar]",
+                        "--out", str(out))
+    assert code == 2
+    assert output.strip().splitlines() == [
+        "error: model.fusion_layer=3 with model.layers=4: the bottleneck then spans only the last block, whose "
+        "bottleneck update no block reads, so nothing passes between modalities (late fusion plus learned tokens); "
+        "use model.fusion_layer <= 2, or model.fusion_layer=4 for late fusion (or set control=true to run it as a "
+        "labelled control)"]
+    assert not out.exists()  # nothing trained, no run folder
+    # a shipped spec turned into one by the command line's overrides is refused by compare the same way
+    store = tmp_path / "store"
+    for args in (["--dry-run"], []):
+        code, output = _cli(capsys, "compare", "mfeat-tokens", "model.fusion_layer=1", "--store", str(store), *args)
+        lines = output.strip().splitlines()
+        assert code == 2 and len(lines) == 1, output
+        assert lines[0].startswith("error: spec 'mfeat-tokens', method ")
+        assert "model.fusion_layer=1 with model.layers=2" in lines[0]
+    assert not store.exists()
+
+
 def test_a_token_exchange_that_never_exchanges_is_rejected():
     cfg = {**TOKENS, "model": {**TOKENS["model"], "features_per_token": 8}, "data": {"name": "mfeat", "views": ["fou", "kar"]}}
     with pytest.raises(ConfigError, match="exchange.threshold=0 never replaces a token"):
@@ -213,22 +241,63 @@ def _probe_ready(model: nn.Module) -> None:
                     module.norms[m].weight[lo:hi] = 0.0
 
 
-def test_every_fusion_row_of_every_shipped_spec_has_a_cross_modal_path(data_root, monkeypatch):
-    from fuselab.train.run import build_data, build_model
+@dataclasses.dataclass
+class Shipped:
+    """One method of a shipped spec: its planned run (the first seed's), its configuration made small
+    (``_small``) and its data."""
 
-    monkeypatch.setenv("FUSELAB_DATA", str(data_root))
-    checked, bundles = 0, {}
-    for name in sorted(shipped_specs()):
-        spec = load_spec(name)
-        seen = set()
-        for run in spec.plan():  # plan() itself rejects a configuration that cannot fuse (unless a control)
-            if run.method in seen or run.config.control:
-                continue
-            seen.add(run.method)
-            base = OmegaConf.to_container(run.config, resolve=True)
-            cfg = make_config(base, _small(base))
-            key = json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True)
-            data = bundles[key] = bundles[key] if key in bundles else build_data(cfg)  # methods share their data
+    spec: Spec
+    run: PlannedRun
+    cfg: DictConfig
+    data: DataBundle
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for a test that builds many models: an in-process `fuselab compare` earlier in the
+    session leaves torch at cores / jobs threads, which on a loaded 2-core machine made the shipped-spec test
+    ten times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shipped(data_root) -> dict[str, tuple[Spec, list[PlannedRun], list[Shipped]]]:
+    """Every shipped spec: (spec, its plan, one entry per method). Methods with the same data share it."""
+    from fuselab.train.run import build_data
+
+    out, bundles = {}, {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FUSELAB_DATA", str(data_root))
+        for name in sorted(shipped_specs()):
+            spec = load_spec(name)
+            plan = spec.plan()  # plan() itself rejects a configuration that cannot fuse (unless a control)
+            methods, seen = [], set()
+            for run in plan:
+                if run.method in seen:
+                    continue
+                seen.add(run.method)
+                base = OmegaConf.to_container(run.config, resolve=True)
+                cfg = make_config(base, _small(base))
+                key = json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True)
+                if key not in bundles:
+                    bundles[key] = build_data(cfg)
+                methods.append(Shipped(spec, run, cfg, bundles[key]))
+            out[name] = (spec, plan, methods)
+    return out
+
+
+def test_every_fusion_row_of_every_shipped_spec_has_a_cross_modal_path(shipped, one_thread):
+    from fuselab.train.run import build_model
+
+    checked = 0
+    for name, (_, _, methods) in shipped.items():
+        for entry in methods:
+            run, cfg, data = entry.run, entry.cfg, entry.data
+            if run.config.control:
+                continue  # a labelled control (test_every_control_of_a_shipped_spec_cannot_fuse)
             if len(data.modalities) < 2:
                 continue  # a unimodal baseline
             torch.manual_seed(0)
@@ -250,6 +319,99 @@ def test_every_fusion_row_of_every_shipped_spec_has_a_cross_modal_path(data_root
                     assert any(paths[(m, n)] > 0 for n in xs if n != m), f"{name}/{run.method}: nothing reaches {m}"
             checked += 1
     assert checked >= 40
+
+
+def test_every_control_of_a_shipped_spec_cannot_fuse_and_is_refused_without_its_label(shipped):
+    # control: true must not be a way around the check: a shipped control is a configuration the check
+    # names (the no-exchange twin of CEN), which without the label is refused before it trains
+    from fuselab.train.config import fusion_problem
+
+    controls = []
+    for name, (_, _, methods) in shipped.items():
+        for entry in methods:
+            if not entry.run.config.control:
+                continue
+            plain = OmegaConf.to_container(entry.run.config, resolve=True)
+            problem = fusion_problem(plain["data"], plain["model"], plain["exchange"], plain["fusion"])
+            assert problem, f"{name}/{entry.run.method} is labelled a control but its configuration can fuse"
+            plain["control"] = False
+            with pytest.raises(ConfigError, match=re.escape(problem)):
+                make_config(plain)
+            controls.append(f"{name}/{entry.run.method}")
+    assert controls == ["cen-ablation/no-exchange", "cen-official/no-exchange", "cen-official/no-exchange-no-l1"]
+
+
+def _table_cells(markdown: str, latex: str, html: str) -> dict[str, list[str]]:
+    """The last cell of every row of the results table in each format, top to bottom."""
+    md = [line.rstrip(" |").split(" | ")[-1] for line in markdown.splitlines()
+          if line.startswith("| ") and not line.startswith("| Method")]
+    body = latex.split(r"\midrule", 1)[1].split(r"\bottomrule", 1)[0]
+    tex = [line.strip().removesuffix(r"\\").split(" & ")[-1].strip() for line in body.splitlines() if " & " in line]
+    rows = re.findall(r"<tr[^>]*>(.*?)</tr>", html.split("<tbody>", 1)[1].split("</tbody>", 1)[0])
+    cells = [re.findall(r"<td[^>]*>(.*?)</td>", row)[-1] for row in rows]
+    return {"markdown": md, "latex": tex, "html": [unescape(c) for c in cells]}
+
+
+# the Landsat specs test on one scene, which train/run.py's diagnose() leaves out (it needs 2 test samples), so
+# their runs record no fusion diagnostics
+ONE_SCENE = "diagnose() skips a test split of one sample (the Landsat scene): no diagnostics are recorded"
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=ONE_SCENE))
+    if name in ("cen-ablation", "cen-official", "landsat-cd-compare") else name
+    for name in sorted(shipped_specs())])
+def test_the_report_of_every_shipped_spec_shows_each_rows_fusion_check(shipped, one_thread, tmp_path, name):
+    # every method of the shipped spec is diagnosed as a run is (diagnose on its model, _metrics, the
+    # store), with made-up predictions and an untrained model; the report must then show a fusion-check cell
+    # for every row in Markdown, LaTeX and HTML, with the controls labelled
+    from fuselab.experiments.store import Store
+    from fuselab.metrics import prediction_metrics
+    from fuselab.report.experiment import build_report
+    from fuselab.train.run import _metrics, build_model, diagnose
+
+    spec, plan, methods = shipped[name]
+    diagnostics, multimodal = {}, {}
+    for entry in methods:
+        torch.manual_seed(0)
+        state = SimpleNamespace(state_dict=build_model(entry.cfg, entry.data).state_dict())
+        diag = diagnose(entry.cfg, [entry.data], [state], torch.device("cpu"))
+        assert diag, f"{name}/{entry.run.method}: no fusion diagnostics"
+        assert "diag_error" not in diag, f"{name}/{entry.run.method}: {diag['diag_error']}"
+        diagnostics[entry.run.method] = diag
+        multimodal[entry.run.method] = len(entry.data.modalities) >= 2
+    task, classes = methods[0].data.task, methods[0].data.num_classes
+    store = Store(tmp_path / name)
+    store.init()
+    store.register_experiment(spec.name, spec.source, spec.baseline, spec.metric,
+                              [(r.run_id, r.method, r.seed, OmegaConf.to_container(r.config, resolve=True))
+                               for r in plan])
+    rng = np.random.default_rng(0)
+    y = torch.arange(40) % classes
+    for r in plan:
+        token = store.claim(r.run_id)
+        folder = store.start_attempt(r.run_id, token)
+        pred = torch.where(torch.from_numpy(rng.random(40) < 0.8), y, (y + 1) % classes)
+        np.savez_compressed(folder / "predictions.npz", y_true=y.numpy(), y_pred=pred.numpy())
+        test = {k: float(v) for k, v in prediction_metrics(task, pred, y, classes).items()}
+        result = SimpleNamespace(test=test, val={}, best_epoch=0, history=[])
+        metrics = _metrics(r.config, result, 1000, 1, diagnostics[r.method], 1.0)
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        assert store.finish(r.run_id, metrics, token, folder)
+    report = build_report(store.root, spec.name, plots=False, figure=False, flops=False, pdf=False)
+    files = {k: report.files[k].read_text(encoding="utf-8") for k in ("markdown", "latex", "html")}
+    assert "| Fusion check |" in files["markdown"], name
+    assert r"& Fusion check \\" in files["latex"] and "<th>Fusion check</th>" in files["html"], name
+    summary = report.summary
+    cells = _table_cells(files["markdown"], files["latex"], files["html"])
+    for kind, column in cells.items():
+        assert len(column) == len(summary), f"{name}, {kind}: {len(column)} rows for {len(summary)} methods"
+        for method, control, cell in zip(summary["method"], summary["control"], column):
+            if not multimodal[method]:
+                assert cell in ("–", "--"), f"{name}/{method} ({kind}): a unimodal row has no fusion to check"
+                continue
+            assert "dep " in cell, f"{name}/{method} ({kind}): {cell!r}"
+            assert cell.startswith("control; ") == bool(control), f"{name}/{method} ({kind}): {cell!r}"
 
 
 def test_attention_and_gated_merges_report_their_mean_modality_weights_by_hand():
