@@ -23,7 +23,7 @@ from fuselab.data.core import DataBundle
 from fuselab.experiments.spec import PlannedRun, Spec, load_spec, shipped_specs
 from fuselab.fusion.bottleneck import Bottleneck
 from fuselab.layers.transformer import transformer_blocks
-from fuselab.models.diagnostics import dependence_problem, operator_stats
+from fuselab.models.diagnostics import dependence_problem, operator_stats, scene_tiles
 from fuselab.models.output import ModelOutput
 from fuselab.train.config import ConfigError, make_config
 
@@ -64,6 +64,37 @@ def test_dependence_of_a_balanced_pair_counts_the_flipped_share():
     flipped = ((a[:, 0] > 0) != (a[partner, 0] > 0)).float().mean()
     assert (partner != torch.arange(8)).all()
     assert dependence["a"] == pytest.approx(float(flipped), abs=1e-6)
+
+
+class DenseOnlyA(nn.Module):
+    """Per-pixel logits from modality ``a`` alone: class 0 where a > 0, class 1 elsewhere, with certainty."""
+
+    def forward(self, x):
+        a = x["a"][:, :1] * 1000.0
+        return ModelOutput(logits=torch.cat([a, -a], dim=1), modality_logits=None, features=None, aux_losses={})
+
+
+def test_one_scene_is_cut_into_tiles_that_take_the_place_of_samples():
+    scene = torch.arange(2 * 64 * 96, dtype=torch.float).reshape(1, 2, 64, 96)
+    tiles = scene_tiles({"a": scene, "b": scene[:, :1]})
+    assert tiles["a"].shape == (6, 2, 32, 32) and tiles["b"].shape == (6, 1, 32, 32)  # 64 // 4 < 32: side 32
+    for t, (r, q) in enumerate((r, q) for r in range(2) for q in range(3)):  # row by row
+        torch.testing.assert_close(tiles["a"][t], scene[0, :, 32 * r:32 * (r + 1), 32 * q:32 * (q + 1)])
+    assert scene_tiles({"a": torch.zeros(1, 6, 400, 400)})["a"].shape == (16, 6, 96, 96)  # 96 = 32 x (100 // 32)
+    for bad in ({"a": torch.zeros(1, 1, 40, 40)}, {"a": torch.zeros(2, 1, 64, 64)}, {"a": torch.zeros(1, 10)},
+                {"a": torch.zeros(1, 1, 64, 64), "b": torch.zeros(1, 1, 64, 32)}):
+        assert scene_tiles(bad) is None  # one tile only, several samples, a vector, sizes that differ
+    # the dependence of a dense prediction on one scene: the share of tiles whose partner tile has the other sign
+    signs = torch.tensor([1.0, -1.0, 1.0, 1.0, -1.0, -1.0])  # per tile, row by row
+    a = signs.view(2, 3).repeat_interleave(32, 0).repeat_interleave(32, 1).view(1, 1, 64, 96)
+    dependence = fuselab.modality_dependence(DenseOnlyA(), {"a": a, "b": torch.randn(1, 1, 64, 96)}, seed=5)
+    cycle = torch.randperm(6, generator=torch.Generator().manual_seed(5))
+    partner = torch.empty_like(cycle)
+    partner[cycle] = cycle.roll(-1)
+    flipped = float((signs != signs[partner]).float().mean())
+    assert flipped > 0 and dependence["a"] == pytest.approx(flipped, abs=1e-6) and dependence["b"] == 0.0
+    with pytest.raises(ValueError, match=r"needs at least 2 samples \(or one map large enough for 2 tiles"):
+        fuselab.modality_dependence(DenseOnlyA(), {"a": torch.zeros(1, 1, 40, 40), "b": torch.zeros(1, 1, 40, 40)})
 
 
 def _bottleneck(depth: int, modalities=("a", "b", "c")) -> Bottleneck:
@@ -353,7 +384,7 @@ def _table_cells(markdown: str, latex: str, html: str) -> dict[str, list[str]]:
 
 
 # the Landsat specs test on one scene, which train/run.py's diagnose() leaves out (it needs 2 test samples), so
-# their runs record no fusion diagnostics
+# their runs record no fusion diagnostics; modality_dependence can now tile one scene (scene_tiles)
 ONE_SCENE = "diagnose() skips a test split of one sample (the Landsat scene): no diagnostics are recorded"
 
 
@@ -412,6 +443,25 @@ def test_the_report_of_every_shipped_spec_shows_each_rows_fusion_check(shipped, 
                 continue
             assert "dep " in cell, f"{name}/{method} ({kind}): {cell!r}"
             assert cell.startswith("control; ") == bool(control), f"{name}/{method} ({kind}): {cell!r}"
+
+
+def test_a_landsat_model_is_diagnosed_on_its_one_test_scene(shipped):
+    # what a Landsat run would record once diagnose() passes it the one test scene: the dependence on each
+    # date from tiles of the scene, and CEN's exchanged share (none in an untrained model: not fusing)
+    from fuselab.train.run import build_model
+
+    entry = next(e for e in shipped["cen-official"][2] if e.run.method == "cen")
+    x, _ = entry.data.test.take(torch.arange(1))
+    assert {m: tuple(v.shape) for m, v in x.items()} == {"t1": (1, 6, 400, 400), "t2": (1, 6, 400, 400)}
+    torch.manual_seed(0)
+    diag = fuselab.fusion_diagnostics(build_model(entry.cfg, entry.data), x)
+    assert 0.0 < diag["diag_dependence/t1"] <= 1.0 and 0.0 < diag["diag_dependence/t2"] <= 1.0, diag
+    shares = {k: v for k, v in diag.items() if k.endswith("/exchanged")}
+    assert len(shares) == 3 and set(shares.values()) == {0.0}, shares  # one exchange per stage, nothing moved
+    # untrained, its predicted distribution barely moves (below the 0.01 floor), and it exchanges nothing
+    assert diag["diag_problems"] == ("no cross-modal dependence: no modality changes the prediction (dependence >= "
+                                     "0.01); all 3 ChannelExchange modules: exchanged is 0 (ChannelExchange carried "
+                                     "nothing between modalities)")
 
 
 def test_attention_and_gated_merges_report_their_mean_modality_weights_by_hand():

@@ -10,7 +10,9 @@ Two kinds of evidence, both cheap (a few forward passes on a fixed batch, no tra
   samples (every other modality left as it is). 0 means the prediction ignores the modality; 1 means the
   prediction changes completely. Permuting keeps the modality's own distribution (zeros or noise would be
   inputs the model never saw), so the measure reads "how much of what the model predicts comes from this
-  modality of *this* sample". For dense outputs the distance is averaged over pixels.
+  modality of *this* sample". For dense outputs the distance is averaged over pixels. A single map sample
+  (one scene, as in Landsat change detection) has nothing to permute across: it is cut into square tiles
+  that take the samples' place, so a modality is swapped between places of the scene.
 - **Operator state**: any module that defines ``fusion_stats(inputs) -> dict[str, float]`` reports what it
   did on the batch it received in the forward pass (the mean modality weights of an attention fusion, the
   share of attention MBT's modality tokens pay to the bottleneck tokens, the share of channels CEN
@@ -28,9 +30,28 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 DEPENDENCE_FLOOR = 0.01  # mean total-variation distance below which a modality counts as unused
+TILE_MULTIPLE = 32  # tile sides of one scene are a multiple of this: divisible by the strides of 5 halvings
+
+
+def scene_tiles(inputs: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+    """One map sample ``{m: (1, C_m, H, W)}`` cut into the same grid of square tiles for every modality:
+    ``{m: (T, C_m, s, s)}``, the side s a multiple of ``TILE_MULTIPLE`` near a quarter of the shorter side
+    (about 16 tiles; the remainder at the bottom and right is left out). None for anything else: several
+    samples, not maps, maps of different sizes, or a scene too small for two tiles."""
+    shapes = {tuple(v.shape[-2:]) for v in inputs.values()}
+    if not inputs or len(shapes) != 1 or any(v.dim() != 4 or v.shape[0] != 1 for v in inputs.values()):
+        return None
+    height, width = shapes.pop()
+    side = TILE_MULTIPLE * (min(height, width) // 4 // TILE_MULTIPLE) or TILE_MULTIPLE
+    rows, cols = height // side, width // side
+    if rows * cols < 2:
+        return None
+    return {m: rearrange(v[..., :rows * side, :cols * side], "1 c (r h) (q w) -> (r q) c h w", h=side, w=side)
+            for m, v in inputs.items()}  # (T, C, s, s), tiles row by row
 
 
 def _probabilities(logits: Tensor) -> Tensor:
@@ -47,14 +68,19 @@ def modality_dependence(model: nn.Module, inputs: Mapping[str, Tensor], *, seed:
 
     Args:
         model: a module mapping a modality dict to an object with ``logits`` (``ModelOutput``), in eval mode.
-        inputs: ``{m: (B, ...)}`` with B >= 2.
+        inputs: ``{m: (B, ...)}`` with B >= 2, or one map sample ``{m: (1, C, H, W)}``, which is cut into
+            tiles (``scene_tiles``) that are permuted instead.
 
     Returns:
         ``{m: d}`` with d in [0, 1], for every modality of ``inputs`` (sorted).
     """
     batch = next(iter(inputs.values())).shape[0]
     if batch < 2:
-        raise ValueError("modality_dependence needs at least 2 samples to permute a modality across them")
+        tiles = scene_tiles(inputs)
+        if tiles is None:
+            raise ValueError("modality_dependence needs at least 2 samples (or one map large enough for 2 tiles "
+                             f"of {TILE_MULTIPLE} pixels) to permute a modality across them")
+        inputs, batch = tiles, next(iter(tiles.values())).shape[0]
     cycle = torch.randperm(batch, generator=torch.Generator().manual_seed(seed))
     order = torch.empty_like(cycle)
     order[cycle] = cycle.roll(-1)  # one random cycle through the batch: no sample keeps its own input
@@ -182,5 +208,5 @@ def cross_modal_gradients(model: nn.Module, inputs: Mapping[str, Tensor]) -> dic
     return result
 
 
-__all__ = ["DEPENDENCE_FLOOR", "cross_modal_gradients", "dependence_problem", "fusion_diagnostics",
-           "modality_dependence", "operator_stats"]
+__all__ = ["DEPENDENCE_FLOOR", "TILE_MULTIPLE", "cross_modal_gradients", "dependence_problem", "fusion_diagnostics",
+           "modality_dependence", "operator_stats", "scene_tiles"]
