@@ -205,6 +205,25 @@ def test_a_token_exchange_that_never_exchanges_is_rejected():
         make_config(cfg, ["exchange.name=token-exchange", "exchange.threshold=0"])
 
 
+@pytest.mark.parametrize("overrides,message", [
+    # a merge after a stage the streams do not have: `compare` records a failed run instead of one line
+    pytest.param(["model.fuse_at=7"], "model.fuse_at", marks=pytest.mark.xfail(
+        strict=True, raises=AssertionError, reason="refused only when the model is built, after the checks")),
+    # a standalone channel exchange whose threshold no |BN scale| can fall below exchanges nothing
+    pytest.param(["data.name=landsat-cd", "model.name=conv-streams", "exchange.name=channel-exchange",
+                  "exchange.threshold=0"], "exchange.threshold=0", marks=pytest.mark.xfail(
+        strict=True, raises=AssertionError, reason="channel-exchange has no fusion_problem: accepted, never exchanges")),
+    (["model.name=mbt", "model.layers=3", "model.fusion_layer=2", "data.views=[fou,kar]"], "model.fusion_layer=2"),
+])
+def test_more_configurations_that_cannot_fuse_are_refused_with_the_config(overrides, message):
+    try:
+        make_config(None, overrides)
+    except (ConfigError, ValueError) as exc:
+        assert message in str(exc)
+    else:
+        raise AssertionError(f"accepted: {' '.join(overrides)}")
+
+
 def test_a_control_keeps_the_run_ids_of_configs_without_it():
     from fuselab.experiments.spec import run_id
 
