@@ -206,14 +206,17 @@ def test_a_token_exchange_that_never_exchanges_is_rejected():
 
 
 @pytest.mark.parametrize("overrides,message", [
-    # a merge after a stage the streams do not have: `compare` records a failed run instead of one line
-    pytest.param(["model.fuse_at=7"], "model.fuse_at", marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError, reason="refused only when the model is built, after the checks")),
+    # a merge after a stage the streams do not have is refused with the config, not when the model is built
+    (["model.fuse_at=7"], "model.fuse_at must be 'early', 'last' or a stage index 0..1, got 7"),
+    (["model.name=conv-streams", "data.name=landsat-cd", "model.widths=[8,16]", "model.fuse_at=[0,2]"],
+     "model.fuse_at"),
     # a standalone channel exchange whose threshold no |BN scale| can fall below exchanges nothing
-    pytest.param(["data.name=landsat-cd", "model.name=conv-streams", "exchange.name=channel-exchange",
-                  "exchange.threshold=0"], "exchange.threshold=0", marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError, reason="channel-exchange has no fusion_problem: accepted, never exchanges")),
+    (["data.name=landsat-cd", "model.name=conv-streams", "exchange.name=channel-exchange", "exchange.threshold=0"],
+     "exchange.threshold=0: no |BN scale| is below it, so channel-exchange exchanges no channel"),
     (["model.name=mbt", "model.layers=3", "model.fusion_layer=2", "data.views=[fou,kar]"], "model.fusion_layer=2"),
+    # an exchange named for an mbt whose fusion layer is past the last block acts nowhere
+    (["model.name=mbt", "model.layers=2", "model.fusion_layer=2", "data.views=[fou,kar]",
+      "exchange.name=joint-attention"], "exchange.name=joint-attention with model.fusion_layer=2 = model.layers"),
 ])
 def test_more_configurations_that_cannot_fuse_are_refused_with_the_config(overrides, message):
     try:
@@ -402,15 +405,7 @@ def _table_cells(markdown: str, latex: str, html: str) -> dict[str, list[str]]:
     return {"markdown": md, "latex": tex, "html": [unescape(c) for c in cells]}
 
 
-# the Landsat specs test on one scene, which train/run.py's diagnose() leaves out (it needs 2 test samples), so
-# their runs record no fusion diagnostics; modality_dependence can now tile one scene (scene_tiles)
-ONE_SCENE = "diagnose() skips a test split of one sample (the Landsat scene): no diagnostics are recorded"
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=ONE_SCENE))
-    if name in ("cen-ablation", "cen-official", "landsat-cd-compare") else name
-    for name in sorted(shipped_specs())])
+@pytest.mark.parametrize("name", sorted(shipped_specs()))
 def test_the_report_of_every_shipped_spec_shows_each_rows_fusion_check(shipped, one_thread, tmp_path, name):
     # every method of the shipped spec is diagnosed as a run is (diagnose on its model, _metrics, the
     # store), with made-up predictions and an untrained model; the report must then show a fusion-check cell

@@ -15,6 +15,7 @@ a stream receives projected back to its own width (streams of that width are not
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -263,6 +264,14 @@ class ChannelExchange(Exchange):
     reference = "yikaiw/CEN semantic_segmentation/models/modules.py (Exchange, BatchNorm2dParallel), main.py (L1 on BN scales)"
     formula = ("y_m = BN_m(x_m); y'_m[:, c] = mean_{n != m} y_n[:, c] if |gamma_m[c]| < threshold else y_m[:, c]; "
                "L_sparsity = sum_m sum_{c in part_m} |gamma_m[c]|")
+
+    @classmethod
+    def fusion_problem(cls, options: Mapping[str, Any]) -> str | None:
+        threshold = options.get("threshold", 2e-2)
+        if isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and threshold <= 0:
+            return (f"exchange.threshold={threshold}: no |BN scale| is below it, so channel-exchange exchanges no "
+                    "channel; use a threshold above 0 (CEN: 2e-2)")
+        return None
 
     def __init__(self, dims: Mapping[str, int], *, threshold: float = 2e-2, proximal_l1: float = 0.0) -> None:
         super().__init__(dims)

@@ -301,3 +301,14 @@ def conv_streams(
 
 
 __all__ = ["BasicBlock", "ConvEncoder", "LoopedStage", "check_streams", "SharedStage", "conv_stage", "conv_streams"]
+
+
+def check_config(model: Mapping[str, Any]) -> None:
+    """At config time: ``model.fuse_at`` names stages the streams have (a ValueError with the one line)."""
+    widths = model.get("widths") or [16, 32, 64]
+    if isinstance(widths, list) and widths:
+        if resolve_fuse_stages(model.get("fuse_at", "last"), len(widths)) is None:
+            resolve_fuse_at(model.get("fuse_at", "last"), len(widths))
+
+
+conv_streams.check_config = check_config  # type: ignore[attr-defined]  # read by the config check

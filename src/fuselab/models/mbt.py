@@ -102,6 +102,12 @@ def fusion_problem(model: Mapping[str, Any], exchange: Mapping[str, Any]) -> str
     layers = model.get("layers", 4)
     fusion_layer = model.get("fusion_layer", 2)
     name = (exchange or {}).get("name", "bottleneck")
+    # fusion_layer = layers is mbt's documented late-fusion setting (its default bottleneck acts in no block);
+    # naming another exchange beside it asks for an exchange that never runs
+    if name != "bottleneck" and isinstance(layers, int) and fusion_layer == layers:
+        return (f"exchange.name={name} with model.fusion_layer={fusion_layer} = model.layers: the exchange acts in "
+                "no block, so the network is late fusion under the exchange's name; use model.fusion_layer < "
+                f"{layers}, or drop the exchange section for late fusion")
     if name == "bottleneck" and isinstance(layers, int) and isinstance(fusion_layer, int) \
             and layers - fusion_layer == 1:
         return (f"model.fusion_layer={fusion_layer} with model.layers={layers}: the bottleneck then spans only the "

@@ -78,3 +78,13 @@ def mlp_streams(
         head=head,
         modality_heads=heads,
     )
+
+
+def check_config(model: Mapping[str, Any]) -> None:
+    """At config time: ``model.fuse_at`` names a stage the streams have (a ValueError with the one line)."""
+    layers = model.get("layers", 2)
+    if isinstance(layers, int) and not isinstance(layers, bool) and layers >= 1:
+        resolve_fuse_at(model.get("fuse_at", "last"), layers)
+
+
+mlp_streams.check_config = check_config  # type: ignore[attr-defined]  # read by the config check

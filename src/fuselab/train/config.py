@@ -267,6 +267,12 @@ def validate(cfg: DictConfig) -> None:
         if options["name"] not in registry:
             raise ConfigError(registry.unknown_message(options["name"]))
         check_options(section, registry.get(options["name"]), options)
+    model_check = getattr(MODELS.get(model["name"]), "check_config", None)  # options that need each other
+    if model_check is not None:
+        try:
+            model_check(model)
+        except ValueError as exc:
+            raise ConfigError(str(exc).splitlines()[0]) from None
     for i, term in enumerate(OmegaConf.to_container(cfg.loss.terms, resolve=True)):
         if not isinstance(term, dict) or "name" not in term:
             raise ConfigError(f"loss.terms[{i}] needs a name, e.g. {{name: ce, weight: 1.0}}")
