@@ -68,3 +68,17 @@ def test_a_pool_the_sweep_did_not_need_is_stopped_on_close(tmp_path):
         assert len(pool.workers) == 2  # not used
     assert [o.status for o in outcomes] == ["done"]
     assert all(not w.process.is_alive() for w in workers)
+
+
+def test_a_sweep_in_this_process_gives_the_callers_torch_thread_count_back(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        store = Store(tmp_path / "inline")
+        plan = prepare(parse_spec({**RAW, "grid": {"fusion.name": ["concat"]}}), store)
+        assert [o.status for o in execute_plan(plan, store, jobs=1)] == ["done"]
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

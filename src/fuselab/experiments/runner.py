@@ -512,9 +512,15 @@ def execute_plan(
             address=address, threads=threads, gpus_per_run=gpus_per_run, plugins=tuple(plugins), cpus=default_jobs(),
         )
     elif jobs <= 1 or len(todo) <= 1:
+        import torch
+
+        before = torch.get_num_threads()  # in this process: the caller's thread count is given back afterwards
         _init_worker(threads)
-        for a in args.values():
-            report(train_one(*a))
+        try:
+            for a in args.values():
+                report(train_one(*a))
+        finally:
+            torch.set_num_threads(before)
     else:
         started = pool.take() if pool is not None and pool.threads == threads else []
         _run_processes(list(args.values()), store, jobs, report, runs_per_worker=runs_per_worker, started=started)
