@@ -210,3 +210,19 @@ def test_the_runs_of_a_comparison_share_the_store_s_mlflow_db(mlflow, tmp_path):
     spec.write_text(yaml.safe_dump(tiny_spec(threads=1)))
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "0 trained, 2 already in the store" in again.stdout, again.stderr[-2000:]
+
+
+def test_a_run_that_raises_is_marked_failed_at_once(mlflow, tmp_path, monkeypatch):
+    """A sweep worker lives on after a failed run (and leaves without the interpreter's exit handlers), so
+    the MLflow run must end FAILED when the run raises, not when the process exits."""
+    import fuselab.train.run as run_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("diverged")
+
+    monkeypatch.setattr(run_module, "_fit_fold", broken)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = make_config(None, [*SMALL, "train.logger=[csv,mlflow]", f"train.mlflow_uri={uri}"])
+    with pytest.raises(RuntimeError, match="diverged"):
+        execute(cfg, run_dir=tmp_path / "run")
+    assert _only_run(_client(uri)).info.status == "FAILED"

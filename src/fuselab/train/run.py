@@ -183,9 +183,17 @@ def execute(
     tcfg = OmegaConf.to_object(cfg.train)
     loggers = build_loggers(run_dir, tcfg, config=cfg) if run_dir is not None else []
     start = time.perf_counter()  # after the loggers: opening a new MLflow store takes seconds that are not the run's
-    session = prepare_run(cfg, loggers=loggers, launch=True)
-    parts = session.parts  # cross-validation: one model per fold, test predictions pooled
-    fitted = [_fit_fold(session, i, part, run_dir, resumable, on_epoch) for i, part in enumerate(parts)]
+    try:
+        session = prepare_run(cfg, loggers=loggers, launch=True)
+        parts = session.parts  # cross-validation: one model per fold, test predictions pooled
+        fitted = [_fit_fold(session, i, part, run_dir, resumable, on_epoch) for i, part in enumerate(parts)]
+    except BaseException:  # a tracker's run ends FAILED now, not when the process exits (a sweep worker lives on)
+        for logger in loggers:
+            try:
+                logger.finalize("failed")
+            except Exception:  # noqa: BLE001 - the run's own error is the one to report
+                pass
+        raise
     results = [r for r, _ in fitted]
     diagnostics = diagnose(cfg, parts, results, session.fabric.device)
     result = results[0] if len(results) == 1 else pool_folds(results, session.data)
