@@ -60,7 +60,8 @@ def _confusion_metrics(task: str, pred: Tensor, target: Tensor, num_classes: int
     """The dense tasks' metrics from one confusion matrix (rows: reference, columns: prediction)."""
     from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-    cm = multiclass_confusion_matrix(pred, target, num_classes=num_classes).double()
+    # counts in float64 on the CPU (a classes x classes matrix; MPS has no float64)
+    cm = multiclass_confusion_matrix(pred, target, num_classes=num_classes).to("cpu", torch.float64)
     total = cm.sum().clamp_min(1)
     tp = cm.diagonal()
     ref, hat = cm.sum(1), cm.sum(0)

@@ -30,8 +30,9 @@ def otsu_threshold(values: Tensor, bins: int = 256) -> Tensor:
     lo, hi = values.min(), values.max()
     if hi <= lo:
         return hi
-    hist = torch.histc(values.double(), bins=bins, min=float(lo), max=float(hi))
-    edges = torch.linspace(float(lo), float(hi), bins + 1, dtype=torch.float64, device=values.device)
+    # in float64 on the CPU (the histogram is small; MPS has no float64), the threshold back on values' device
+    hist = torch.histc(values.detach().to("cpu", torch.float64), bins=bins, min=float(lo), max=float(hi))
+    edges = torch.linspace(float(lo), float(hi), bins + 1, dtype=torch.float64)
     centres = (edges[:-1] + edges[1:]) / 2
     w0 = hist.cumsum(0)
     w1 = w0[-1] - w0
@@ -39,7 +40,7 @@ def otsu_threshold(values: Tensor, bins: int = 256) -> Tensor:
     mu0 = m0 / w0.clamp_min(1e-12)
     mu1 = (m0[-1] - m0) / w1.clamp_min(1e-12)
     between = w0 * w1 * (mu0 - mu1) ** 2
-    return centres[int(between.argmax())].to(values.dtype)
+    return centres[int(between.argmax())].to(values.device, values.dtype)
 
 
 def standardise_bands(x: Tensor, eps: float = 1e-6) -> Tensor:
