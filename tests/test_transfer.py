@@ -66,6 +66,8 @@ def test_fold_all_trains_on_every_fold_but_the_validation_slice_and_tests_every_
     _, expected = scene_tiles(scene, train_map, 32, 16)  # the windows of every other fold's labels
     assert torch.equal(bundle.train.y, expected)
     assert int((labels[fold_map != 4] == 1).sum()) > 0.7 * 4227  # most change pixels are trained on
+    assert bundle.test_in_sample  # so its test metrics are a fit, and runs and reports say so
+    assert not any(f.test_in_sample for f in landsat_cd(data_root=str(data_root)).folds)
 
 def test_fold_all_rejects_other_words(data_root):
     with pytest.raises(ValueError, match="'all'"):
@@ -97,6 +99,13 @@ def test_train_on_one_half_evaluate_and_predict_on_the_other(data_root, tmp_path
     for row in Store(store).experiment_runs("halves"):  # the command line's overrides reach every method
         config = yaml.safe_load((Store(store).run_dir(row["run_id"]) / "config.yaml").read_text())
         assert config["train"]["epochs"] == 3 and config["train"]["threads"] == 1, row["method"]
+        metrics = json.loads((Store(store).run_dir(row["run_id"]) / "metrics.json").read_text())
+        assert metrics["test_in_sample"] is True, row["method"]  # fold=all tests on its own training pixels
+    report = (store / "halves" / "report" / "results.md").read_text()
+    assert "In-sample test metrics (the test split holds the training samples too" in report
+    assert report.split("In-sample test metrics")[1].split(":", 1)[1].split(".")[0].strip() in (
+        "concat-diff, cva", "cva, concat-diff")
+    assert "In-sample test metrics" in (store / "halves" / "report" / "results.tex").read_text()
 
     with pytest.raises(SystemExit) as exc:
         main(["evaluate", "halves", "--store", str(store), "--name", "bottom", *scene_overrides(halves["bottom"])])
@@ -166,3 +175,16 @@ def test_shipped_change_detection_spec_keeps_its_checkpoints():
 
     plan = load_spec("landsat-cd-compare").plan()
     assert all(r.config.train.checkpoint for r in plan)  # its runs can be evaluated and predicted with later
+
+
+def test_fuselab_run_says_when_its_test_metrics_are_in_sample(data_root, tmp_path, capsys):
+    from conftest import run_cli
+
+    from fuselab.cli import IN_SAMPLE_LINE
+
+    code, out, _ = run_cli(capsys, "run", "data.name=landsat-cd", f"data.data_root={data_root}", "data.fold=all",
+                           "model.name=cva", "--out", str(tmp_path / "all"))
+    assert code == 0 and " ".join(IN_SAMPLE_LINE.split()) in " ".join(out.split())
+    code, out, _ = run_cli(capsys, "run", "data.name=landsat-cd", f"data.data_root={data_root}", "data.fold=0",
+                           "model.name=cva", "--out", str(tmp_path / "one"))
+    assert code == 0 and "in-sample" not in out and "test Kappa" in out

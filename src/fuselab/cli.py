@@ -175,6 +175,8 @@ def run_cmd(
             raise
         progress.update(task, total=len(result.history), completed=len(result.history))
     m = result.metrics
+    if m.get("test_in_sample"):
+        console.print(IN_SAMPLE_LINE, markup=False)
     if "test_kappa" in m:  # change detection: Kappa first, the headline metric of the field
         console.print(
             f"test Kappa [bold]{m['test_kappa'] * 100:.2f}[/], OA {m['test_accuracy'] * 100:.2f} %, F1 change "
@@ -186,6 +188,10 @@ def run_cmd(
         f"test accuracy [bold]{m['test_accuracy'] * 100:.2f} %[/], macro-F1 {m['test_macro_f1'] * 100:.2f} %, "
         f"best epoch {m['best_epoch']}, {m['params']:,} parameters, {m['seconds']:.1f} s"
     )
+
+
+IN_SAMPLE_LINE = ("in-sample: the test split holds the training samples too (data.fold=all), so these test metrics "
+                  "measure the fit; score held-out data with `fuselab evaluate`")
 
 
 def _duration(seconds: float) -> str:

@@ -89,6 +89,9 @@ class DataBundle:
     # cross-validation: one bundle per fold (every labelled sample tested once); a run trains each fold and
     # pools the test predictions. None for a single split.
     folds: list["DataBundle"] | None = None
+    # the test split holds the training samples too (landsat-cd data.fold=all tests every labelled pixel): its
+    # metrics measure the fit, not generalisation, and runs and reports say so
+    test_in_sample: bool = False
 
     @property
     def modalities(self) -> list[str]:

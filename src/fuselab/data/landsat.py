@@ -165,6 +165,7 @@ def fold_bundle(scene: torch.Tensor, labels: torch.Tensor, fold_map: torch.Tenso
         forms={m: "map" for m in names},
         class_names=["unchanged", "change"],
         task="change-detection",
+        test_in_sample=fold is None,
     )
 
 

@@ -33,6 +33,10 @@ _TEXT: dict[str, dict[str, str]] = {
     "metric_kappa": {"en": "Cohen's kappa", "zh": "Kappa 系数"},
     "metric_f1_change": {"en": "F1 of the change class", "zh": "变化类 F1"},
     "metric_miou": {"en": "mIoU", "zh": "mIoU"},
+    "in_sample_note": {
+        "en": "In-sample test metrics (the test split holds the training samples too, data.fold=all; they measure the fit, not generalisation; `fuselab evaluate` scores held-out data): {methods}.",
+        "zh": "样本内测试指标（测试集包含训练样本，data.fold=all；反映拟合程度而非泛化能力；用 `fuselab evaluate` 在独立数据上评估）：{methods}。",
+    },
     "one_seed_note": {
         "en": "n = 1: a single seed, so no std or CI is shown (not a zero variance).",
         "zh": "n = 1：只有一个随机种子，因此不显示标准差与置信区间（并非方差为零）。",

@@ -21,6 +21,7 @@ import pandas as pd
 
 from fuselab.experiments.profile import LATENCY_SPREAD_LIMIT  # measured there, reported here
 from fuselab.report.fusion_check import fusion_check, fusion_note
+from fuselab.report.i18n import text as i18n_text
 from fuselab.report.stats import holm, mcnemar, mean_ci, paired_ttest
 
 __all__ = ["LATEX_PACKAGES", "TRANSFER", "add_transfer", "summarize", "table_header", "to_csv", "to_latex", "to_markdown", "unsteady_latencies"]
@@ -146,6 +147,8 @@ def summarize(
                 rec[col] = float(np.nanmedian(values)) if not np.all(np.isnan(values)) else math.nan
         rec["delta"] = float(np.mean(rows[primary].to_numpy(dtype=float))) - base_primary
         rec.update(fusion_check(rows))
+        in_sample = rows["test_in_sample"] if "test_in_sample" in rows.columns else pd.Series(dtype=object)
+        rec["in_sample"] = bool(in_sample.fillna(False).astype(bool).any())
 
         p_t = p_mc = math.nan
         if method != baseline:
@@ -371,6 +374,13 @@ def _has_one_seed(summary: pd.DataFrame) -> bool:
     return bool((summary["n_seeds"] == 1).any())
 
 
+def in_sample_methods(summary: pd.DataFrame) -> list[str]:
+    """Methods whose test metrics include their training samples (``test_in_sample`` runs)."""
+    if "in_sample" not in summary.columns:
+        return []
+    return [str(r["method"]) for _, r in summary.iterrows() if r["in_sample"]]
+
+
 def table_header(summary: pd.DataFrame, *, metrics: Sequence[str] | None = None, percent: bool = True,
                  show_ci: bool = True) -> list[str]:
     """The column headings of the Markdown table (the HTML table shows the same columns)."""
@@ -503,6 +513,8 @@ def to_markdown(
         lines += ["", _transfer_note(summary, _alpha_text(summary))]
     if _has_one_seed(summary):
         lines += ["", ONE_SEED_NOTE]
+    if in_sample_methods(summary):
+        lines += ["", _md_escape(i18n_text("in_sample_note", "en", methods=", ".join(in_sample_methods(summary))))]
     if _has_latency_spread(summary, costs):
         lines += ["", " ".join(filter(None, [LATENCY_NOTE, _unsteady_note(summary)]))]
     note = fusion_note(summary)
@@ -639,6 +651,9 @@ def to_latex(
                              .replace(UP_MARK, r"$^\blacktriangle$").replace(DOWN_MARK, r"$^\blacktriangledown$"))
     if _has_one_seed(summary):
         note += r" $n = 1$: a single seed, so no std is shown (not a zero variance)."
+    if in_sample_methods(summary):
+        note += " " + re.sub(r"`([^`]*)`", r"\\texttt{\1}", latex_escape(
+            i18n_text("in_sample_note", "en", methods=", ".join(in_sample_methods(summary)))))
     if _has_latency_spread(summary, costs):
         note += " " + latex_escape(" ".join(filter(None, [LATENCY_NOTE, _unsteady_note(summary)])))
     if check:

@@ -143,8 +143,9 @@ def _fit_fold(session: RunSession, i: int, part: DataBundle, run_dir: Path | Non
 
 
 def _metrics(cfg: DictConfig, result: FitResult, params: int, folds: int, diagnostics: dict[str, Any],
-             seconds: float) -> dict[str, Any]:
-    """What ``metrics.json`` holds: test_* and val_* metrics, size, epochs, time, diagnostics."""
+             seconds: float, in_sample: bool = False) -> dict[str, Any]:
+    """What ``metrics.json`` holds: test_* and val_* metrics, size, epochs, time, diagnostics, and
+    ``test_in_sample`` when the test split holds the training samples too."""
     metrics: dict[str, Any] = {f"test_{k}": v for k, v in result.test.items()}
     metrics.update({f"val_{k}": v for k, v in result.val.items()})
     metrics.update(params=params, best_epoch=result.best_epoch, epochs_run=len(result.history), seconds=seconds)
@@ -153,6 +154,8 @@ def _metrics(cfg: DictConfig, result: FitResult, params: int, folds: int, diagno
     metrics.update(diagnostics)
     if cfg.get("control", False):
         metrics["control"] = True
+    if in_sample:
+        metrics["test_in_sample"] = True
     return metrics
 
 
@@ -202,7 +205,8 @@ def execute(
             (run_dir / f"finished-fold{i}.pt").unlink(missing_ok=True)
     for logger in session.fabric.loggers:
         logger.finalize("success")
-    metrics = _metrics(cfg, result, fitted[-1][1], len(parts), diagnostics, time.perf_counter() - start)
+    metrics = _metrics(cfg, result, fitted[-1][1], len(parts), diagnostics, time.perf_counter() - start,
+                       in_sample=session.data.test_in_sample)
     if run_dir is not None and session.fabric.is_global_zero:
         _write_run(run_dir, cfg, result, metrics, tcfg.checkpoint)
         log_run_end(session.fabric.loggers, metrics, run_dir)  # final metrics and config.yaml to MLflow
