@@ -174,3 +174,14 @@ def test_from_torch_copies_dropout_random_biases_and_a_missing_output_bias():
     assert ours.q_proj.bias is not None and torch.count_nonzero(ours.out_proj.bias) == 0
     assert torch.allclose(ours(x), ref(x, x, x, need_weights=False)[0], atol=1e-6)
     assert MultiHeadAttention(32).heads == 8  # the default
+
+
+def test_keys_and_values_of_different_lengths_are_one_clear_error():
+    """The CPU SDPA kernel returns a result for such shapes without complaint; the layer refuses them."""
+    attn = MultiHeadAttention(8, heads=2)
+    q, k = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+    with pytest.raises(ValueError, match=r"^attention: key \(2, 5, 8\) and value \(2, 4, 8\) need the same batch"):
+        attn(q, k, torch.randn(2, 4, 8))
+    with pytest.raises(ValueError, match=r"query \(3, 3, 8\) the same batch"):
+        attn(torch.randn(3, 3, 8), k)
+    assert attn(q, k, torch.randn(2, 5, 8)).shape == (2, 3, 8)  # same length, another value: fine

@@ -93,6 +93,10 @@ class MultiHeadAttention(nn.Module):
         """
         key = query if key is None else key
         value = key if value is None else value
+        if key.shape[:-1] != value.shape[:-1] or key.shape[0] != query.shape[0]:
+            # checked here: the CPU kernel of scaled_dot_product_attention returns a result for such shapes
+            raise ValueError(f"attention: key {tuple(key.shape)} and value {tuple(value.shape)} need the same batch "
+                             f"and length, and query {tuple(query.shape)} the same batch")
         q = rearrange(self.q_proj(query), "b n (h e) -> b h n e", h=self.heads)
         k = rearrange(self.k_proj(key), "b s (h e) -> b h s e", h=self.heads)
         v = rearrange(self.v_proj(value), "b s (h e) -> b h s e", h=self.heads)
