@@ -39,6 +39,8 @@ from fuselab.models.multistream import (
 from fuselab.models.necks import make_neck
 from fuselab.registry import MODELS
 
+DEFAULT_WIDTHS = [16, 32, 64]  # channels of the stages when model.widths is not given
+
 
 class BasicBlock(nn.Module):
     """ResNet's basic block: Conv3x3-BN-ReLU-Conv3x3-BN plus the (projected) input, then ReLU."""
@@ -91,7 +93,7 @@ class ConvEncoder(nn.Module):
 
     def __init__(self, in_channels: int = 1, widths: list[int] | None = None, blocks: int = 1) -> None:
         super().__init__()
-        widths = _positive_ints(widths if widths is not None else [16, 32, 64], "widths")
+        widths = _positive_ints(widths if widths is not None else DEFAULT_WIDTHS, "widths")
         self.stages = nn.Sequential(*[
             conv_stage(s, in_channels if s == 0 else widths[s - 1], w, blocks=blocks) for s, w in enumerate(widths)
         ])
@@ -139,7 +141,7 @@ def check_streams(builder: str, dims: Mapping[str, int], widths: list[int] | Non
                   shared_weights: bool) -> tuple[list[int], list[str]]:
     """The options every staged conv builder checks: stage widths (default [16, 32, 64]), blocks, at least two
     modalities, and equal input channels for shared weights. Returns the widths and the sorted modalities."""
-    widths = _positive_ints(widths if widths is not None else [16, 32, 64], "widths")
+    widths = _positive_ints(widths if widths is not None else DEFAULT_WIDTHS, "widths")
     if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
         raise ValueError(f"model.blocks must be a positive integer, got {blocks!r}")
     if len(dims) < 2:
@@ -300,15 +302,15 @@ def conv_streams(
     )
 
 
-__all__ = ["BasicBlock", "ConvEncoder", "LoopedStage", "check_streams", "SharedStage", "conv_stage", "conv_streams"]
-
-
 def check_config(model: Mapping[str, Any]) -> None:
     """At config time: ``model.fuse_at`` names stages the streams have (a ValueError with the one line)."""
-    widths = model.get("widths") or [16, 32, 64]
+    widths = model.get("widths") or DEFAULT_WIDTHS
     if isinstance(widths, list) and widths:
         if resolve_fuse_stages(model.get("fuse_at", "last"), len(widths)) is None:
             resolve_fuse_at(model.get("fuse_at", "last"), len(widths))
 
 
 conv_streams.check_config = check_config  # type: ignore[attr-defined]  # read by the config check
+
+
+__all__ = ["BasicBlock", "ConvEncoder", "LoopedStage", "check_streams", "SharedStage", "conv_stage", "conv_streams"]
