@@ -109,8 +109,9 @@ def summary_table_html(summary: pd.DataFrame, *, caption: str, lang: str = "en",
         notes.append(tables._transfer_note(summary, f"{summary.attrs.get('alpha', 0.05):g}"))
     if tables._has_one_seed(summary):
         notes.append(text("one_seed_note", lang))
-    if tables.in_sample_methods(summary):
-        notes.append(text("in_sample_note", lang, methods=", ".join(tables.in_sample_methods(summary))))
+    in_sample = tables.in_sample_methods(summary)
+    if in_sample:
+        notes.append(text("in_sample_note", lang, methods=", ".join(in_sample)))
     if tables._has_latency_spread(summary, costs):
         notes.append(text("latency_note", lang))
         unsteady = tables.unsteady_latencies(summary)

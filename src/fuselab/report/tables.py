@@ -147,8 +147,8 @@ def summarize(
                 rec[col] = float(np.nanmedian(values)) if not np.all(np.isnan(values)) else math.nan
         rec["delta"] = float(np.mean(rows[primary].to_numpy(dtype=float))) - base_primary
         rec.update(fusion_check(rows))
-        in_sample = rows["test_in_sample"] if "test_in_sample" in rows.columns else pd.Series(dtype=object)
-        rec["in_sample"] = bool(in_sample.fillna(False).astype(bool).any())
+        rec["in_sample"] = "test_in_sample" in rows.columns and \
+            bool(rows["test_in_sample"].fillna(False).astype(bool).any())
 
         p_t = p_mc = math.nan
         if method != baseline:
@@ -513,8 +513,9 @@ def to_markdown(
         lines += ["", _transfer_note(summary, _alpha_text(summary))]
     if _has_one_seed(summary):
         lines += ["", ONE_SEED_NOTE]
-    if in_sample_methods(summary):
-        lines += ["", _md_escape(i18n_text("in_sample_note", "en", methods=", ".join(in_sample_methods(summary))))]
+    in_sample = in_sample_methods(summary)
+    if in_sample:
+        lines += ["", _md_escape(i18n_text("in_sample_note", "en", methods=", ".join(in_sample)))]
     if _has_latency_spread(summary, costs):
         lines += ["", " ".join(filter(None, [LATENCY_NOTE, _unsteady_note(summary)]))]
     note = fusion_note(summary)
@@ -541,6 +542,12 @@ _LATEX_SPECIAL = {
     "±": r"$\pm$",  # one ± style in LaTeX: the body's
     "–": "--",
 }
+
+
+def _latex_with_code(text: str) -> str:
+    """Plain text for LaTeX, escaped, a command in backticks as typewriter text (backticks would typeset as
+    quotes)."""
+    return re.sub(r"`([^`]*)`", r"\\texttt{\1}", latex_escape(text))
 
 
 def _latex_text(text: str) -> str:
@@ -647,20 +654,19 @@ def to_latex(
         rf"{_plural(n, 'method')}."
     )
     if _transfers(summary):
-        note += " " + re.sub(r"`([^`]*)`", r"\\texttt{\1}", latex_escape(_transfer_note(summary, _alpha_text(summary)))
-                             .replace(UP_MARK, r"$^\blacktriangle$").replace(DOWN_MARK, r"$^\blacktriangledown$"))
+        note += " " + (_latex_with_code(_transfer_note(summary, _alpha_text(summary)))
+                       .replace(UP_MARK, r"$^\blacktriangle$").replace(DOWN_MARK, r"$^\blacktriangledown$"))
     if _has_one_seed(summary):
         note += r" $n = 1$: a single seed, so no std is shown (not a zero variance)."
-    if in_sample_methods(summary):
-        note += " " + re.sub(r"`([^`]*)`", r"\\texttt{\1}", latex_escape(
-            i18n_text("in_sample_note", "en", methods=", ".join(in_sample_methods(summary)))))
+    in_sample = in_sample_methods(summary)
+    if in_sample:
+        note += " " + _latex_with_code(i18n_text("in_sample_note", "en", methods=", ".join(in_sample)))
     if _has_latency_spread(summary, costs):
         note += " " + latex_escape(" ".join(filter(None, [LATENCY_NOTE, _unsteady_note(summary)])))
     if check:
         note += " " + _latex_text(fusion_note(summary))
     if missing:
-        # a command in backticks is typewriter text in LaTeX (backticks would typeset as quotes)
-        first, *rest = (re.sub(r"`([^`]*)`", r"\\texttt{\1}", latex_escape(line)) for line in missing)
+        first, *rest = (_latex_with_code(line) for line in missing)
         note = " ".join([rf"\textbf{{{first}}}", *rest, note])
     lines += [
         r"    \bottomrule",
